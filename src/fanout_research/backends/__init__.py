@@ -1,0 +1,1 @@
+"""Engines that run jobs. Kept import-free: the local job supervisor lives in this package."""

@@ -1,0 +1,378 @@
+"""The supervisor of one local job: ``python -m fanout_research.backends.local_supervisor JOB_DIR``.
+
+LocalBackend.submit starts one of these, detached in its own session, and returns at once. The
+supervisor checks the candidate commit out into its own worktree, waits its turn for a slot, runs
+the command in a new process group, enforces the time limit, and records the outcome in
+``state.json``. It outlives the process that submitted the job, which is what makes ``fanout
+submit`` in one shell and ``fanout wait`` in another work.
+
+Guarantees it keeps:
+- Nothing the job started outlives the job. The supervisor is a child subreaper (Linux), so even
+  processes that leave the job's process group come back to it, and are killed, at the end.
+- If the supervisor itself is killed, its job dies with it (PR_SET_PDEATHSIG) and the next status
+  poll reports the job ``lost`` and kills what is left of its process group.
+
+Stdlib only, and few imports: it starts once per job, so its start-up time is overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from fanout_research.backends.local_files import (
+    CANCEL_MARK,
+    LAUNCH,
+    STATE,
+    SUPERVISOR_LOCK,
+    identity,
+    is_alive,
+    kill_job_group,
+    now,
+    read_json,
+    write_json_atomic,
+)
+from fanout_research.metrics import TAIL_BYTES, classify_exit, parse_metrics
+from fanout_research.phases import Failure, Phase
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+SLOT_POLL_S = 0.02
+LIVENESS_EVERY = 50  # slot polls between checks that the waiters ahead of us are still alive
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class SetupError(Exception):
+    pass
+
+
+class Supervisor:
+    def __init__(self, job_dir: Path) -> None:
+        self.dir = job_dir
+        launch = read_json(job_dir / LAUNCH)
+        if launch is None:
+            raise SetupError(f"{job_dir / LAUNCH} is missing")
+        self.launch: dict[str, Any] = launch
+        self.state: dict[str, Any] = read_json(job_dir / STATE) or {}
+        self.cancelled = False
+        self._wake_r, wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_cancel)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _on_cancel(self, _signum: int, _frame: object) -> None:
+        self.cancelled = True
+
+    def write(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_json_atomic(self.dir / STATE, self.state)
+
+    def note(self, message: str) -> None:
+        """A line in the job's own log, so that its tail explains what happened to it."""
+        with open(self.launch["log"], "a") as log:
+            log.write(f"[fanout] {message}\n")
+
+    def finish(self, phase: Phase, failure: Failure | None, reason: str, **extra: Any) -> None:
+        self.write(
+            phase=str(phase), failure=str(failure) if failure else None, reason=reason,
+            raw=reason or str(phase), ended_at=extra.pop("ended_at", None) or now(), **extra,
+        )
+
+    def wait_wakeup(self, timeout: float, *fds: int) -> None:
+        """Sleep until a signal arrives, one of ``fds`` is readable, or ``timeout`` passes."""
+        with contextlib.suppress(InterruptedError):
+            select.select([self._wake_r, *fds], [], [], max(0.0, timeout))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
+
+    # -- the job's life ------------------------------------------------------------------------
+    def run(self) -> None:
+        prior = self.state.get("phase")
+        if prior and Phase(prior).final:
+            return
+        if prior == Phase.RUNNING:  # a predecessor died while the job ran: it is gone
+            kill_job_group(self.state.get("job"))
+            self.finish(Phase.LOST, Failure.LOST, "lost: its supervisor died while it ran")
+            return
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self.write(
+            phase=str(Phase.PENDING), raw="preparing worktree",
+            supervisor=identity(os.getpid()), queued_at=self.state.get("queued_at") or now(),
+        )
+        if (self.dir / CANCEL_MARK).exists():
+            self.cancelled = True
+        try:
+            self.checkout()
+        except SetupError as exc:
+            self.finish(Phase.FAILED, Failure.SETUP, str(exc))
+            return
+        try:
+            slot = self.acquire_slot()
+            if slot is None:
+                self.note("cancelled while queued")
+                self.finish(Phase.CANCELLED, Failure.CANCELLED, "cancelled while queued")
+                return
+            index, slot_fd = slot
+            try:
+                self.run_job(index)
+            finally:
+                os.close(slot_fd)  # frees the slot for the next queued job
+        finally:
+            self.remove_worktree()
+
+    def git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", self.launch["repo"], "-c", "core.hooksPath=/dev/null", *args],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+
+    def checkout(self) -> None:
+        worktree = Path(self.launch["worktree"])
+        if worktree.exists():  # left by a supervisor that died while preparing
+            self.git("worktree", "remove", "--force", str(worktree))
+        self.git("worktree", "prune")
+        done = self.git("worktree", "add", "--detach", "--quiet", str(worktree), self.launch["commit"])
+        if done.returncode != 0:
+            message = done.stderr.strip().splitlines()[-1:] or ["git worktree add failed"]
+            raise SetupError(f"checkout failed: {message[0]}")
+        # Keep the commit reachable after the worktree is gone: results must stay reproducible.
+        self.git("update-ref", self.launch["ref"], self.launch["commit"])
+
+    def remove_worktree(self) -> None:
+        if not self.launch.get("keep_worktree") and Path(self.launch["worktree"]).exists():
+            self.git("worktree", "remove", "--force", self.launch["worktree"])
+
+    def acquire_slot(self) -> tuple[int, int] | None:
+        """Wait, first come first served, for one of the machine's slots; None if cancelled.
+
+        A slot is an flock on ``slot-<i>.lock``: the kernel frees it if we die, so a crashed
+        supervisor can never leak one. Waiters queue as files named by their arrival time, and
+        only the first ``n`` of them try the locks, which keeps the order fair.
+        """
+        slots_dir = Path(self.launch["slots_dir"])
+        queue = slots_dir / "queue"
+        queue.mkdir(parents=True, exist_ok=True)
+        me = queue / f"{time.time_ns():020d}-{self.launch['slug']}"
+        me.write_text(f"{os.getpid()} {identity(os.getpid())['start']}")
+        count = int(self.launch["slots"])
+        fds = [os.open(slots_dir / f"slot-{i}.lock", os.O_CREAT | os.O_RDWR, 0o644) for i in range(count)]
+        self.write(raw="queued for a slot")
+        try:
+            for attempt in range(sys.maxsize):
+                if self.cancelled:
+                    return None
+                if self._my_turn(queue, me, count, check_alive=attempt % LIVENESS_EVERY == 0):
+                    for index, fd in enumerate(fds):
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except BlockingIOError:
+                            continue
+                        for other in fds:
+                            if other != fd:
+                                os.close(other)
+                        fds = []
+                        return index, fd
+                self.wait_wakeup(SLOT_POLL_S)
+            return None
+        finally:
+            for fd in fds:
+                os.close(fd)
+            me.unlink(missing_ok=True)
+
+    @staticmethod
+    def _my_turn(queue: Path, me: Path, count: int, check_alive: bool) -> bool:
+        ahead = sorted(name for name in os.listdir(queue) if name < me.name)
+        if len(ahead) < count:
+            return True
+        if check_alive:  # forget waiters that died without cleaning up after themselves
+            for name in ahead:
+                try:
+                    pid, start = (queue / name).read_text().split()
+                except (OSError, ValueError):
+                    continue
+                if not is_alive({"pid": int(pid), "start": start}):
+                    (queue / name).unlink(missing_ok=True)
+        return False
+
+    def child_env(self, slot: int) -> dict[str, str]:
+        env = dict(self.launch["env"])
+        env["FANOUT_SLOT"] = str(slot)
+        devices = self.launch.get("slot_devices") or []
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+        threads = self.launch.get("threads_per_slot")
+        if threads:
+            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env.setdefault(name, str(threads))
+        return env
+
+    def run_job(self, slot: int) -> None:
+        parent = os.getpid()
+
+        def die_with_parent() -> None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+
+        started = now()
+        try:
+            with open(self.launch["log"], "ab") as log:
+                proc = subprocess.Popen(
+                    self.launch["argv"], cwd=self.launch["worktree"], env=self.child_env(slot),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=die_with_parent,
+                )
+        except OSError as exc:
+            reason = f"cannot start {self.launch['argv'][0]!r}: {exc.strerror or exc}"
+            self.note(reason)
+            self.finish(Phase.FAILED, Failure.NOT_FOUND, reason, started_at=started, slot=slot)
+            return
+        self.write(
+            phase=str(Phase.RUNNING), raw=f"running on slot {slot}", slot=slot,
+            started_at=started, job=identity(proc.pid),
+        )
+        outcome = self.watch(proc, deadline=started + float(self.launch["time_limit_s"]))
+        ended = now()
+        kill_job_group({"pid": proc.pid})
+        self.reap_descendants()
+        self.record(outcome, proc.returncode, started, ended)
+
+    def watch(self, proc: subprocess.Popen[bytes], deadline: float) -> str | None:
+        """Wait for the job to end by itself (None), or stop it: "cancelled" / "timed_out"."""
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        try:
+            outcome = None
+            while proc.poll() is None:
+                if self.cancelled:
+                    outcome = "cancelled"
+                elif now() >= deadline:
+                    outcome = "timed_out"
+                if outcome:
+                    self.stop(proc, pidfd)
+                    break
+                step = deadline - now() if pidfd is not None else 0.05
+                self.wait_wakeup(min(step, 5.0), *([pidfd] if pidfd is not None else []))
+            return outcome
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def stop(self, proc: subprocess.Popen[bytes], pidfd: int | None) -> None:
+        """SIGTERM to the whole group, a grace period to save state, then SIGKILL."""
+        kill_job_group({"pid": proc.pid}, signal.SIGTERM)
+        grace_end = now() + float(self.launch.get("kill_grace_s", 5.0))
+        while proc.poll() is None and now() < grace_end:
+            self.wait_wakeup(min(grace_end - now(), 0.05), *([pidfd] if pidfd is not None else []))
+        kill_job_group({"pid": proc.pid})
+        proc.wait()
+
+    def reap_descendants(self) -> None:
+        """Kill and reap whatever the job left behind, including processes that escaped its group."""
+        me = os.getpid()
+        for _ in range(200):
+            children = _children_of(me)
+            if not children:
+                break
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if os.getpgid(pid) != os.getpgid(me):
+                        os.killpg(os.getpgid(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+
+    def record(self, outcome: str | None, exit_code: int | None, started: float, ended: float) -> None:
+        tail = _read_tail(Path(self.launch["log"]))
+        metrics = parse_metrics(tail)
+        timing = {"started_at": started, "ended_at": ended, "exit_code": exit_code, "metrics": metrics}
+        if outcome == "timed_out":
+            limit = float(self.launch["time_limit_s"])
+            reason = f"timed out: exceeded its time limit of {limit:g}s"
+            self.note(reason + "; its process group was killed")
+            self.finish(Phase.TIMED_OUT, Failure.TIMED_OUT, reason, **timing)
+        elif outcome == "cancelled":
+            self.note("cancelled; its process group was killed")
+            self.finish(Phase.CANCELLED, Failure.CANCELLED, "cancelled", **timing)
+        else:
+            phase, failure, reason = classify_exit(exit_code, metrics, tail)
+            self.finish(phase, failure, reason, **timing)
+
+
+def _children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found.extend(int(child) for child in handle.read().split())
+        return found
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):  # kernels without CONFIG_PROC_CHILDREN
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+                    if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+                        found.append(int(entry))
+    return found
+
+
+def _read_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - TAIL_BYTES))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def main(argv: list[str]) -> int:
+    job_dir = Path(argv[1])
+    lock_fd = os.open(job_dir / SUPERVISOR_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another supervisor already owns this job
+    supervisor = None
+    try:
+        supervisor = Supervisor(job_dir)
+        supervisor.run()
+    except Exception as exc:
+        traceback.print_exc()
+        if supervisor is not None:
+            kill_job_group(supervisor.state.get("job"))
+            supervisor.finish(Phase.LOST, Failure.LOST, f"lost: supervisor error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,96 @@
+"""The few questions the orchestrator asks of a research repo.
+
+GitPython for the orchestrator side (its persistent ``cat-file`` process makes repeated commit
+look-ups cheap); the job supervisor shells out to ``git`` directly because it must stay stdlib-only.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import git
+
+from fanout_research.errors import DirtyTreeError, NotAGitRepoError, UnknownRevisionError
+
+
+@lru_cache(maxsize=32)
+def _open(top: Path) -> git.Repo:
+    return git.Repo(top)
+
+
+def open_repo(path: str | Path) -> git.Repo:
+    """The repository containing ``path`` (cached per top-level directory)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise NotAGitRepoError(f"not a git repository: {path} does not exist")
+    try:
+        probe = git.Repo(path, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise NotAGitRepoError(
+            f"not a git repository: {path.resolve()} (run inside your research repo, or `git init`)"
+        ) from None
+    if probe.bare or probe.working_tree_dir is None:
+        raise NotAGitRepoError(f"not a git repository with a working tree: {path.resolve()}")
+    return _open(Path(probe.working_tree_dir).resolve())
+
+
+def resolve_commit(repo: git.Repo, rev: str) -> str:
+    """The full hash of ``rev``, which must name a commit."""
+    try:
+        return repo.commit(rev).hexsha
+    except (git.BadName, ValueError, git.GitCommandError):
+        raise UnknownRevisionError(
+            f"unknown revision: {rev!r} names no commit in {repo.working_tree_dir}"
+        ) from None
+
+
+def has_commit(repo: git.Repo, sha: str) -> bool:
+    try:
+        return repo.commit(sha).hexsha == sha
+    except (git.BadName, ValueError, git.GitCommandError):
+        return False
+
+
+def ensure_clean(repo: git.Repo) -> None:
+    """Refuse uncommitted changes to tracked files: a job runs the commit, not the working tree.
+
+    Untracked files are allowed on purpose: autoresearch keeps ``results.tsv`` untracked.
+    """
+    changed = [line[3:] for line in repo.git.status("--porcelain", "--untracked-files=no").splitlines()]
+    if changed:
+        shown = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+        raise DirtyTreeError(
+            f"working tree has uncommitted changes ({shown}); commit or stash them first"
+        )
+
+
+def common_dir(repo: git.Repo) -> Path:
+    """The main ``.git`` directory, shared by every worktree of the repository."""
+    return Path(repo.common_dir).resolve()
+
+
+def branch_of(repo: git.Repo, sha: str) -> str | None:
+    """The checked-out branch if it points at ``sha``: labels only, never trusted for code."""
+    try:
+        head = repo.head
+        if not head.is_detached and head.commit.hexsha == sha:
+            return head.ref.name
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def read_file_at(repo: git.Repo, sha: str, path: str) -> str | None:
+    try:
+        return repo.git.show(f"{sha}:{path}")
+    except git.GitCommandError:
+        return None
+
+
+def path_exists_at(repo: git.Repo, sha: str, path: str) -> bool:
+    try:
+        repo.commit(sha).tree / path
+    except (KeyError, ValueError, git.BadName):
+        return False
+    return True

@@ -1,0 +1,146 @@
+"""Submit jobs and wait for them, with every step recorded in the study's job ledger.
+
+This is the one place that ties a Backend to the ledger; the CLI, the benchmarks and the research
+loop all go through it, so no path can start a job that the ledger does not know about.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fanout_research.backends.base import Backend
+from fanout_research.errors import JobSpecError, UnknownJobError
+from fanout_research.ledger import JobLedger, LedgerEntry
+from fanout_research.models import JobResult, JobSpec, JobState
+from fanout_research.registry import create_backend
+from fanout_research.study import StudyDir
+
+Observer = Callable[[Mapping[str, JobState]], None]
+
+
+@dataclass
+class WaitOutcome:
+    results: dict[str, JobResult] = field(default_factory=dict)
+    unfinished: dict[str, JobState] = field(default_factory=dict)
+
+    @property
+    def all_succeeded(self) -> bool:
+        return not self.unfinished and all(r.succeeded for r in self.results.values())
+
+
+class JobClient:
+    def __init__(self, study: StudyDir) -> None:
+        self.study = study
+        self.ledger = JobLedger(study.ledger_path)
+        self._backends: dict[str, Backend] = {}
+
+    def backend(self, name: str, options: Mapping[str, Any] | None = None) -> Backend:
+        key = f"{name}:{json.dumps(dict(options or {}), sort_keys=True)}"
+        if key not in self._backends:
+            self._backends[key] = create_backend(name, self.study, options)
+        return self._backends[key]
+
+    def adopt(self, backend: Backend) -> Backend:
+        """Use an already-built backend for the jobs it submits (tests, embedding)."""
+        key = f"{backend.name}:{json.dumps(backend.options(), sort_keys=True)}"
+        self._backends[key] = backend
+        return backend
+
+    # -- submit --------------------------------------------------------------------------------
+    def submit(self, backend: Backend, spec: JobSpec) -> str:
+        known = self.ledger.find(spec.name)
+        if known is not None and known.spec != spec:
+            raise JobSpecError(
+                f"a different job named {spec.name!r} is already in study {self.study.name!r}"
+            )
+        slug = backend.submit(spec)
+        self.ledger.record_submitted(slug, backend.name, backend.options(), spec)
+        return slug
+
+    # -- look-ups ------------------------------------------------------------------------------
+    def entries(self, refs: Iterable[str]) -> list[LedgerEntry]:
+        """Ledger entries for slugs or names, in the order given; unknown ones raise together."""
+        known = self.ledger.entries()
+        by_slug = {e.slug: e for e in known.values() if e.slug}
+        found, missing = [], []
+        for ref in dict.fromkeys(refs):
+            entry = by_slug.get(ref) or known.get(ref)
+            if entry is None:
+                missing.append(ref)
+            else:
+                found.append(entry)
+        if missing:
+            raise UnknownJobError(missing)
+        return found
+
+    def backend_for(self, entry: LedgerEntry) -> Backend:
+        return self.backend(entry.backend, entry.backend_options)
+
+    def status(self, entries: list[LedgerEntry]) -> dict[str, JobState]:
+        """One batched status call per backend, whatever the number of jobs."""
+        states: dict[str, JobState] = {}
+        for backend, group in self._by_backend(entries):
+            states.update(backend.status([e.slug for e in group]))
+        return states
+
+    def _by_backend(self, entries: Iterable[LedgerEntry]) -> list[tuple[Backend, list[LedgerEntry]]]:
+        groups: dict[int, tuple[Backend, list[LedgerEntry]]] = {}
+        for entry in entries:
+            backend = self.backend_for(entry)
+            groups.setdefault(id(backend), (backend, []))[1].append(entry)
+        return list(groups.values())
+
+    def collect(self, entry: LedgerEntry) -> JobResult:
+        """The final result, recorded in the ledger the first time anyone sees it."""
+        if entry.result is not None:
+            return entry.result
+        result = self.backend_for(entry).result(entry.slug)
+        if result.phase.final:
+            self.ledger.record_result(result)
+            entry.result = result
+        return result
+
+    # -- wait ----------------------------------------------------------------------------------
+    def wait(
+        self,
+        refs: Iterable[str],
+        timeout_s: float | None = None,
+        observer: Observer | None = None,
+        poll_interval_s: float | None = None,
+    ) -> WaitOutcome:
+        """Poll until every job is final or the timeout passes; ``observer`` sees every poll."""
+        pending = {e.slug: e for e in self.entries(refs)}
+        outcome = WaitOutcome()
+        for slug, entry in list(pending.items()):
+            if entry.result is not None:  # already final in the ledger: no need to ask anyone
+                outcome.results[slug] = pending.pop(slug).result  # type: ignore[assignment]
+        interval = poll_interval_s or min(
+            (self.backend_for(e).poll_interval_s for e in pending.values()), default=1.0
+        )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            states = self.status(list(pending.values()))
+            for slug, state in states.items():
+                if state.phase.final:
+                    outcome.results[slug] = self.collect(pending.pop(slug))
+            if observer:
+                observer(states)
+            if not pending:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                outcome.unfinished = {s: states[s] for s in pending}
+                break
+            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
+            time.sleep(max(0.0, pause))
+        return outcome
+
+    def cancel(self, refs: Iterable[str]) -> dict[str, JobState]:
+        entries = self.entries(refs)
+        for entry in entries:
+            self.ledger.record_event(entry.name, "cancel_requested")
+            self.backend_for(entry).cancel(entry.slug)
+        return self.status(entries)
