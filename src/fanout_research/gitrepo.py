@@ -6,12 +6,17 @@ look-ups cheap); the job supervisor shells out to ``git`` directly because it mu
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import git
 
 from fanout_research.errors import DirtyTreeError, NotAGitRepoError, UnknownRevisionError
+
+# A cached Repo shares one persistent `git cat-file` pipe; two threads talking over it at once
+# read each other's answers or deadlock, so every object-database look-up takes this lock.
+_ODB_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=32)
@@ -36,19 +41,22 @@ def open_repo(path: str | Path) -> git.Repo:
 
 
 def resolve_commit(repo: git.Repo, rev: str) -> str:
-    """The full hash of ``rev``, which must name a commit."""
+    """The full hash of ``rev``, which must name a commit that exists."""
     try:
-        return repo.commit(rev).hexsha
-    except (git.BadName, ValueError, git.GitCommandError):
+        return repo.git.rev_parse("--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    except git.GitCommandError:
         raise UnknownRevisionError(
             f"unknown revision: {rev!r} names no commit in {repo.working_tree_dir}"
         ) from None
 
 
 def has_commit(repo: git.Repo, sha: str) -> bool:
+    """Whether the object database really holds commit ``sha`` (``repo.commit(sha)`` would not
+    look: it builds an object for any well-formed hash, even forty zeros)."""
     try:
-        return repo.commit(sha).hexsha == sha
-    except (git.BadName, ValueError, git.GitCommandError):
+        with _ODB_LOCK:
+            return repo.odb.info(bytes.fromhex(sha)).type == b"commit"
+    except (ValueError, git.BadName, git.BadObject, git.GitCommandError):
         return False
 
 
@@ -90,7 +98,8 @@ def read_file_at(repo: git.Repo, sha: str, path: str) -> str | None:
 
 def path_exists_at(repo: git.Repo, sha: str, path: str) -> bool:
     try:
-        repo.commit(sha).tree / path
+        with _ODB_LOCK:
+            repo.commit(sha).tree / path
     except (KeyError, ValueError, git.BadName):
         return False
     return True

@@ -52,14 +52,29 @@ class JobClient:
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, backend: Backend, spec: JobSpec) -> str:
-        known = self.ledger.find(spec.name)
-        if known is not None and known.spec != spec:
-            raise JobSpecError(
-                f"a different job named {spec.name!r} is already in study {self.study.name!r}"
-            )
-        slug = backend.submit(spec)
-        self.ledger.record_submitted(slug, backend.name, backend.options(), spec)
-        return slug
+        return self.submit_many(backend, [spec])[0]
+
+    def submit_many(self, backend: Backend, specs: list[JobSpec]) -> list[str]:
+        """Submit a round's jobs back to back and record them in one durable ledger write."""
+        for spec in specs:
+            known = self.ledger.spec_of(spec.name)
+            if known is not None and known != spec.model_dump(mode="json"):
+                raise JobSpecError(
+                    f"a different job named {spec.name!r} is already in study {self.study.name!r}"
+                )
+        accepted: list[tuple[str, str, dict[str, Any], JobSpec]] = []
+        options = backend.options()
+        batch = getattr(backend, "submit_many", None)
+        try:
+            if batch is not None:  # optional: backends that can start a round more cheaply
+                slugs = batch(specs)
+                accepted = [(slug, backend.name, options, s) for slug, s in zip(slugs, specs, strict=True)]
+            else:
+                for spec in specs:
+                    accepted.append((backend.submit(spec), backend.name, options, spec))
+        finally:  # record whatever the backend accepted, even if a later spec was refused
+            self.ledger.record_submitted_many(accepted)
+        return [slug for slug, *_ in accepted]
 
     # -- look-ups ------------------------------------------------------------------------------
     def entries(self, refs: Iterable[str]) -> list[LedgerEntry]:
@@ -94,15 +109,15 @@ class JobClient:
             groups.setdefault(id(backend), (backend, []))[1].append(entry)
         return list(groups.values())
 
-    def collect(self, entry: LedgerEntry) -> JobResult:
-        """The final result, recorded in the ledger the first time anyone sees it."""
-        if entry.result is not None:
-            return entry.result
-        result = self.backend_for(entry).result(entry.slug)
-        if result.phase.final:
-            self.ledger.record_result(result)
-            entry.result = result
-        return result
+    def collect(self, entries: list[LedgerEntry]) -> list[JobResult]:
+        """Final results, recorded in the ledger (in one write) the first time anyone sees them."""
+        results = [e.result or self.backend_for(e).result(e.slug) for e in entries]
+        fresh = [r for e, r in zip(entries, results, strict=True) if e.result is None and r.phase.final]
+        self.ledger.record_results(fresh)
+        for entry, result in zip(entries, results, strict=True):
+            if result.phase.final:
+                entry.result = result
+        return results
 
     # -- wait ----------------------------------------------------------------------------------
     def wait(
@@ -124,9 +139,9 @@ class JobClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             states = self.status(list(pending.values()))
-            for slug, state in states.items():
-                if state.phase.final:
-                    outcome.results[slug] = self.collect(pending.pop(slug))
+            done = [pending.pop(slug) for slug, state in states.items() if state.phase.final]
+            for entry, result in zip(done, self.collect(done), strict=True):
+                outcome.results[entry.slug] = result
             if observer:
                 observer(states)
             if not pending:

@@ -50,39 +50,74 @@ class JobLedger:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @staticmethod
-    def _write(handle: IO[str], record: dict[str, Any]) -> None:
-        record = {"v": SCHEMA_VERSION, "at": utcnow().isoformat(), **record}
-        handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+    def _write(handle: IO[str], records: list[dict[str, Any]]) -> None:
+        """Append whole lines and make them durable: one fsync per batch, not per line."""
+        if not records:
+            return
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:  # a writer that died mid-line must not swallow our first record
+            handle.seek(handle.tell() - 1)
+            if handle.read(1) != "\n":
+                handle.write("\n")
+        at = utcnow().isoformat()
+        handle.write("".join(
+            json.dumps({"v": SCHEMA_VERSION, "at": at, **r}, separators=(",", ":")) + "\n"
+            for r in records
+        ))
         handle.flush()
         os.fsync(handle.fileno())
 
     def record_submitted(
         self, slug: str, backend: str, backend_options: dict[str, Any], spec: JobSpec
     ) -> None:
-        """Recorded once the backend accepted the job. A crash just before this line loses no job:
-        names are idempotent, so submitting the same spec again adopts the job already running."""
+        self.record_submitted_many([(slug, backend, backend_options, spec)])
+
+    def record_submitted_many(
+        self, submitted: list[tuple[str, str, dict[str, Any], JobSpec]]
+    ) -> None:
+        """Record (slug, backend, options, spec) for jobs the backend accepted, once per name.
+
+        Recorded after the backend accepted them: a crash just before this line loses no job,
+        because names are idempotent and submitting the same spec again adopts the running job.
+        """
         with self._locked() as handle:
-            if spec.name in self._scan(handle):
-                return
-            self._write(handle, {
-                "event": "submitted", "name": spec.name, "slug": slug, "backend": backend,
-                "backend_options": backend_options, "spec": spec.model_dump(mode="json"),
-            })
+            seen: set[str] = set(self._scan(handle))
+            records = []
+            for slug, backend, options, spec in submitted:
+                if spec.name not in seen:
+                    seen.add(spec.name)
+                    records.append({
+                        "event": "submitted", "name": spec.name, "slug": slug, "backend": backend,
+                        "backend_options": options, "spec": spec.model_dump(mode="json"),
+                    })
+            self._write(handle, records)
 
     def record_result(self, result: JobResult) -> bool:
         """Record a final result once; True if this call was the one that wrote it."""
+        return self.record_results([result])[0]
+
+    def record_results(self, results: list[JobResult]) -> list[bool]:
+        """Record final results once each; True for those this call was the one to write."""
         with self._locked() as handle:
-            if "result" in self._scan(handle).get(result.name, {}):
-                return False
-            self._write(handle, {
-                "event": "result", "name": result.name, "result": result.model_dump(mode="json"),
-            })
-            return True
+            seen = self._scan(handle)
+            fresh = [r for r in results if "result" not in seen.get(r.name, {})]
+            self._write(handle, [
+                {"event": "result", "name": r.name, "result": r.model_dump(mode="json")} for r in fresh
+            ])
+            return [r in fresh for r in results]
 
     def record_event(self, name: str, event: str, **details: Any) -> None:
         """Anything else worth keeping in the history, e.g. a cancellation request."""
         with self._locked() as handle:
-            self._write(handle, {"event": event, "name": name, **details})
+            self._write(handle, [{"event": event, "name": name, **details}])
+
+    def spec_of(self, name: str) -> dict[str, Any] | None:
+        """The recorded spec (as JSON data) of a job name, without loading the whole ledger."""
+        if not self.path.exists():
+            return None
+        with open(self.path) as handle:
+            submitted = self._scan(handle).get(name, {}).get("submitted")
+        return submitted["spec"] if submitted else None
 
     def entries(self) -> dict[str, LedgerEntry]:
         """Every job by name, in submission order, with its result where one was recorded."""

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from pydantic import ValidationError
+
 from fanout_research.backends.base import Backend
 from fanout_research.errors import ConfigError, UnknownBackendError
 from fanout_research.study import StudyDir
@@ -39,9 +41,10 @@ def backend_class(name: str) -> type[Backend]:
     module_name, _, attribute = targets[name].partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attribute)
-    except ImportError as exc:
+    except (ImportError, AttributeError) as exc:
         raise UnknownBackendError(
-            f"backend {name!r} cannot be loaded: {exc} (is its optional extra installed?)"
+            f"backend {name!r} cannot be loaded from {targets[name]!r}: {exc} "
+            "(is its optional extra installed?)"
         ) from None
     return cls
 
@@ -52,5 +55,9 @@ def create_backend(
     cls = backend_class(name)
     try:
         return cls(study, **dict(options or {}))  # type: ignore[call-arg]
-    except TypeError as exc:
+    except ValidationError as exc:  # a backend that models its options: name the first problem
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"bad options for backend {name!r}: {where}: {first['msg']}") from None
+    except (TypeError, ValueError) as exc:  # unknown or badly typed options from fanout.toml
         raise ConfigError(f"bad options for backend {name!r}: {exc}") from None

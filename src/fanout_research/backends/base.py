@@ -1,5 +1,9 @@
 """The Backend seam: five calls that every engine (local, Kubernetes, vesslctl, Slurm) answers.
 
+A backend may also offer ``submit_many(specs) -> list[str]``, with the same meaning as calling
+``submit`` for each spec, when it can start a round more cheaply than job by job; ``JobClient``
+uses it where present.
+
 A backend is constructed as ``Backend(study, **options)``, where ``options`` are plain JSON values
 (no secrets) that the job ledger records, so that ``fanout wait`` in another process can rebuild an
 equivalent backend for the slugs it is asked about.

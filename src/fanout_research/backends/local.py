@@ -24,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from fanout_research import gitrepo
 from fanout_research.backends import local_files as files
 from fanout_research.errors import JobSpecError, UnknownJobError
@@ -72,6 +74,19 @@ def default_slots_dir() -> Path:
     return cache / "fanout" / "slots"
 
 
+class LocalOptions(BaseModel):
+    """``[backend.local]`` in fanout.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slots: int | None = Field(None, ge=1, description="Jobs at once (default: GPUs, else cores/2).")
+    slots_dir: str | None = Field(None, description="Machine-wide slot locks (FANOUT_SLOTS_DIR).")
+    gpus: list[str] | None = Field(None, description="GPU ids to use (default: all visible).")
+    kill_grace_s: float = Field(5.0, ge=0, description="SIGTERM-to-SIGKILL grace on stop.")
+    keep_worktrees: bool = Field(False, description="Keep each job's checkout after it ends.")
+    env_passthrough: list[str] = Field(default_factory=list, description="Extra variables to pass.")
+
+
 def _when(epoch: float | None) -> datetime | None:
     return datetime.fromtimestamp(epoch, UTC) if epoch else None
 
@@ -80,27 +95,16 @@ class LocalBackend:
     name: ClassVar[str] = "local"
     poll_interval_s: ClassVar[float] = 0.05
 
-    def __init__(
-        self,
-        study: StudyDir,
-        *,
-        slots: int | None = None,
-        slots_dir: str | None = None,
-        gpus: Sequence[str] | None = None,
-        kill_grace_s: float = 5.0,
-        keep_worktrees: bool = False,
-        env_passthrough: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, study: StudyDir, **options: Any) -> None:
+        opts = LocalOptions.model_validate(options)
         self.study = study
-        self.gpus = tuple(str(g) for g in (visible_gpus() if gpus is None else gpus))
+        self.gpus = tuple(visible_gpus() if opts.gpus is None else opts.gpus)
         cpu_slots = max(1, (os.cpu_count() or 2) // 2)
-        self.slots = int(slots) if slots is not None else (len(self.gpus) or cpu_slots)
-        if self.slots < 1:
-            raise JobSpecError(f"slots must be at least 1, not {self.slots}")
-        self.slots_dir = Path(slots_dir) if slots_dir else default_slots_dir()
-        self.kill_grace_s = float(kill_grace_s)
-        self.keep_worktrees = bool(keep_worktrees)
-        self.env_passthrough = tuple(env_passthrough)
+        self.slots = opts.slots or len(self.gpus) or cpu_slots
+        self.slots_dir = Path(opts.slots_dir) if opts.slots_dir else default_slots_dir()
+        self.kill_grace_s = opts.kill_grace_s
+        self.keep_worktrees = opts.keep_worktrees
+        self.env_passthrough = tuple(opts.env_passthrough)
         self.jobs_dir = study.root / self.name / "jobs"
         self.worktrees_dir = study.root / self.name / "worktrees"
 
@@ -113,11 +117,27 @@ class LocalBackend:
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> str:
-        job_dir = self.jobs_dir / spec.name
-        if job_dir.exists():
-            return self._resubmit(spec)
-        launch = self._launch_plan(spec)  # validates everything before anything is written
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Submit a round at once: every spec is checked before anything is written, and one
+        supervisor process forks a supervisor per job, so K jobs pay one interpreter start-up."""
+        plans = {spec.name: self._launch_plan(spec) for spec in specs
+                 if not (self.jobs_dir / spec.name).exists()}
+        fresh: list[Path] = []
+        for spec in specs:
+            if spec.name in plans and self._create(spec, plans.pop(spec.name)):
+                fresh.append(self.jobs_dir / spec.name)
+            else:
+                self._resubmit(spec)
+        if fresh:
+            self._spawn_supervisors(fresh)
+        return [spec.name for spec in specs]
+
+    def _create(self, spec: JobSpec, launch: dict[str, Any]) -> bool:
+        """Make the job's directory and queue entry; False if a racing submitter made it first."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        job_dir = self.jobs_dir / spec.name
         staging = Path(tempfile.mkdtemp(dir=self.jobs_dir, prefix=f".new-{spec.name}-"))
         (staging / files.SPEC).write_text(spec.model_dump_json())
         files.write_json_atomic(staging / files.LAUNCH, launch)
@@ -126,9 +146,13 @@ class LocalBackend:
             os.rename(staging, job_dir)  # atomic: of two racing submitters, exactly one wins
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
-            return self._resubmit(spec)
-        self._spawn_supervisor(job_dir)
-        return spec.name
+            return False
+        # Queue it now, not when the supervisor gets going: start-up times vary, and the order of
+        # the queue is the order of submission.
+        queue_entry = Path(launch["queue_entry"])
+        queue_entry.parent.mkdir(parents=True, exist_ok=True)
+        queue_entry.write_text(str(job_dir))
+        return True
 
     def _resubmit(self, spec: JobSpec) -> str:
         job_dir = self.jobs_dir / spec.name
@@ -140,7 +164,7 @@ class LocalBackend:
         state = files.read_json(job_dir / files.STATE)
         if state is None or (not Phase(state["phase"]).final
                              and not files.is_alive(state.get("supervisor"))):
-            self._spawn_supervisor(job_dir)  # the first submitter died before its supervisor ran
+            self._spawn_supervisors([job_dir])  # the first submitter died before its supervisor ran
         return spec.name
 
     def _launch_plan(self, spec: JobSpec) -> dict[str, Any]:
@@ -152,6 +176,7 @@ class LocalBackend:
             raise JobSpecError(f"commit {spec.code.commit[:12]} is not in {repo_path}")
         env = self._job_env(spec)
         self._check_command(repo, spec, env.get("PATH", os.defpath))
+        submitted = files.now()
         return {
             "slug": spec.name,
             "repo": str(Path(repo.working_tree_dir).resolve()),
@@ -162,13 +187,15 @@ class LocalBackend:
             "time_limit_s": spec.time_limit_s,
             "kill_grace_s": self.kill_grace_s,
             "worktree": str(self.worktrees_dir / spec.name),
+            "worktree_lock": str(gitrepo.common_dir(repo) / "fanout" / "worktrees.lock"),
             "keep_worktree": self.keep_worktrees,
             "log": str(self.jobs_dir / spec.name / files.LOG),
             "slots": self.slots,
             "slots_dir": str(self.slots_dir),
             "slot_devices": list(self.gpus),
             "threads_per_slot": None if self.gpus else max(1, (os.cpu_count() or 1) // self.slots),
-            "submitted_at": files.now(),
+            "submitted_at": submitted,
+            "queue_entry": str(self.slots_dir / "queue" / f"{int(submitted * 1e9):020d}-{spec.name}"),
         }
 
     def _job_env(self, spec: JobSpec) -> dict[str, str]:
@@ -199,12 +226,13 @@ class LocalBackend:
         if not found:
             raise JobSpecError(f"command not found: {program!r} (not on the job's PATH or in the commit)")
 
-    def _spawn_supervisor(self, job_dir: Path) -> None:
-        env = files.read_json(job_dir / files.LAUNCH)["env"]  # the supervisor gets no secrets either
+    def _spawn_supervisors(self, job_dirs: list[Path]) -> None:
+        # The supervisors get the jobs' filtered environment: no secrets there either.
+        env = dict(files.read_json(job_dirs[0] / files.LAUNCH)["env"])
         package_root = str(Path(__file__).resolve().parents[2])
-        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))}
-        argv = [sys.executable, "-m", "fanout_research.backends.local_supervisor", str(job_dir)]
-        with open(job_dir / files.SUPERVISOR_LOG, "ab") as log:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        argv = [sys.executable, "-m", "fanout_research.backends.local_supervisor", *map(str, job_dirs)]
+        with open(job_dirs[0] / files.SUPERVISOR_LOG, "ab") as log:
             setsid = _setsid()
             if setsid:  # double fork: the supervisor is nobody's child, so never a zombie of ours
                 subprocess.run([setsid, "-f", *argv], env=env, stdin=subprocess.DEVNULL,

@@ -26,9 +26,8 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fanout_research.backends.local_files import (
     CANCEL_MARK,
@@ -45,10 +44,15 @@ from fanout_research.backends.local_files import (
 from fanout_research.metrics import TAIL_BYTES, classify_exit, parse_metrics
 from fanout_research.phases import Failure, Phase
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 SLOT_POLL_S = 0.02
 LIVENESS_EVERY = 50  # slot polls between checks that the waiters ahead of us are still alive
+STALE_ENTRY_S = 30.0  # a queued job whose supervisor has not started by then never will
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -73,6 +77,7 @@ class Supervisor:
         self.launch: dict[str, Any] = launch
         self.state: dict[str, Any] = read_json(job_dir / STATE) or {}
         self.cancelled = False
+        self.outcome: dict[str, Any] | None = None
         self._wake_r, wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(wake_w, False)
@@ -94,10 +99,16 @@ class Supervisor:
             log.write(f"[fanout] {message}\n")
 
     def finish(self, phase: Phase, failure: Failure | None, reason: str, **extra: Any) -> None:
-        self.write(
+        """Decide the outcome. ``publish`` writes it once the job is cleaned up, so that a final
+        state always means: nothing left running, slot free, worktree gone."""
+        self.outcome = dict(
             phase=str(phase), failure=str(failure) if failure else None, reason=reason,
             raw=reason or str(phase), ended_at=extra.pop("ended_at", None) or now(), **extra,
         )
+
+    def publish(self) -> None:
+        if self.outcome is not None:
+            self.write(**self.outcome)
 
     def wait_wakeup(self, timeout: float, *fds: int) -> None:
         """Sleep until a signal arrives, one of ``fds`` is readable, or ``timeout`` passes."""
@@ -115,6 +126,7 @@ class Supervisor:
         if prior == Phase.RUNNING:  # a predecessor died while the job ran: it is gone
             kill_job_group(self.state.get("job"))
             self.finish(Phase.LOST, Failure.LOST, "lost: its supervisor died while it ran")
+            self.publish()
             return
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         self.write(
@@ -123,24 +135,23 @@ class Supervisor:
         )
         if (self.dir / CANCEL_MARK).exists():
             self.cancelled = True
+        slot_fd = None
         try:
             self.checkout()
-        except SetupError as exc:
-            self.finish(Phase.FAILED, Failure.SETUP, str(exc))
-            return
-        try:
             slot = self.acquire_slot()
             if slot is None:
                 self.note("cancelled while queued")
                 self.finish(Phase.CANCELLED, Failure.CANCELLED, "cancelled while queued")
                 return
             index, slot_fd = slot
-            try:
-                self.run_job(index)
-            finally:
-                os.close(slot_fd)  # frees the slot for the next queued job
+            self.run_job(index)
+        except SetupError as exc:
+            self.finish(Phase.FAILED, Failure.SETUP, str(exc))
         finally:
+            if slot_fd is not None:
+                os.close(slot_fd)  # frees the slot for the next queued job
             self.remove_worktree()
+            self.publish()
 
     def git(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -148,12 +159,27 @@ class Supervisor:
             capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )
 
+    @contextlib.contextmanager
+    def worktree_lock(self) -> Iterator[None]:
+        """Git's worktree commands are not safe to run at once: `worktree add` reads every other
+        worktree's admin files and fails on one that a concurrent add has half written. They
+        take milliseconds, so jobs of one repository take turns."""
+        fd = os.open(self.launch["worktree_lock"], os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def checkout(self) -> None:
         worktree = Path(self.launch["worktree"])
-        if worktree.exists():  # left by a supervisor that died while preparing
-            self.git("worktree", "remove", "--force", str(worktree))
-        self.git("worktree", "prune")
-        done = self.git("worktree", "add", "--detach", "--quiet", str(worktree), self.launch["commit"])
+        with self.worktree_lock():
+            if worktree.exists():  # left by a supervisor that died while preparing
+                self.git("worktree", "remove", "--force", str(worktree))
+            # `--force` re-adds a path whose directory was lost but is still registered.
+            done = self.git(
+                "worktree", "add", "--force", "--detach", "--quiet", str(worktree), self.launch["commit"]
+            )
         if done.returncode != 0:
             message = done.stderr.strip().splitlines()[-1:] or ["git worktree add failed"]
             raise SetupError(f"checkout failed: {message[0]}")
@@ -162,20 +188,21 @@ class Supervisor:
 
     def remove_worktree(self) -> None:
         if not self.launch.get("keep_worktree") and Path(self.launch["worktree"]).exists():
-            self.git("worktree", "remove", "--force", self.launch["worktree"])
+            with self.worktree_lock():
+                self.git("worktree", "remove", "--force", self.launch["worktree"])
 
     def acquire_slot(self) -> tuple[int, int] | None:
         """Wait, first come first served, for one of the machine's slots; None if cancelled.
 
         A slot is an flock on ``slot-<i>.lock``: the kernel frees it if we die, so a crashed
-        supervisor can never leak one. Waiters queue as files named by their arrival time, and
-        only the first ``n`` of them try the locks, which keeps the order fair.
+        supervisor can never leak one. The submitter queued the job as a file named by its submit
+        time; only the first ``n`` waiters try the locks, which keeps the order fair.
         """
         slots_dir = Path(self.launch["slots_dir"])
-        queue = slots_dir / "queue"
-        queue.mkdir(parents=True, exist_ok=True)
-        me = queue / f"{time.time_ns():020d}-{self.launch['slug']}"
-        me.write_text(f"{os.getpid()} {identity(os.getpid())['start']}")
+        me = Path(self.launch["queue_entry"])
+        if not me.exists():  # a resubmit relaunched us after the entry was cleaned up
+            me.parent.mkdir(parents=True, exist_ok=True)
+            me.write_text(str(self.dir))
         count = int(self.launch["slots"])
         fds = [os.open(slots_dir / f"slot-{i}.lock", os.O_CREAT | os.O_RDWR, 0o644) for i in range(count)]
         self.write(raw="queued for a slot")
@@ -183,16 +210,13 @@ class Supervisor:
             for attempt in range(sys.maxsize):
                 if self.cancelled:
                     return None
-                if self._my_turn(queue, me, count, check_alive=attempt % LIVENESS_EVERY == 0):
+                if _my_turn(me, count, check_stale=attempt % LIVENESS_EVERY == LIVENESS_EVERY - 1):
                     for index, fd in enumerate(fds):
                         try:
                             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         except BlockingIOError:
                             continue
-                        for other in fds:
-                            if other != fd:
-                                os.close(other)
-                        fds = []
+                        fds.remove(fd)
                         return index, fd
                 self.wait_wakeup(SLOT_POLL_S)
             return None
@@ -200,21 +224,6 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
             me.unlink(missing_ok=True)
-
-    @staticmethod
-    def _my_turn(queue: Path, me: Path, count: int, check_alive: bool) -> bool:
-        ahead = sorted(name for name in os.listdir(queue) if name < me.name)
-        if len(ahead) < count:
-            return True
-        if check_alive:  # forget waiters that died without cleaning up after themselves
-            for name in ahead:
-                try:
-                    pid, start = (queue / name).read_text().split()
-                except (OSError, ValueError):
-                    continue
-                if not is_alive({"pid": int(pid), "start": start}):
-                    (queue / name).unlink(missing_ok=True)
-        return False
 
     def child_env(self, slot: int) -> dict[str, str]:
         env = dict(self.launch["env"])
@@ -325,6 +334,27 @@ class Supervisor:
             self.finish(phase, failure, reason, **timing)
 
 
+def _my_turn(me: Path, count: int, check_stale: bool) -> bool:
+    ahead = sorted(name for name in os.listdir(me.parent) if name < me.name)
+    if len(ahead) < count:
+        return True
+    if check_stale:  # forget entries of jobs that will never claim a slot
+        for name in ahead:
+            with contextlib.suppress(OSError):
+                if _stale((me.parent / name).read_text().strip()):
+                    (me.parent / name).unlink(missing_ok=True)
+    return False
+
+
+def _stale(job_dir: str) -> bool:
+    """True for a queue entry whose job ended, or whose supervisor died or never started."""
+    state = read_json(Path(job_dir) / STATE)
+    if state is None:
+        launch = read_json(Path(job_dir) / LAUNCH)
+        return launch is None or now() - float(launch["submitted_at"]) > STALE_ENTRY_S
+    return Phase(state["phase"]).final or not is_alive(state.get("supervisor"))
+
+
 def _children_of(pid: int) -> list[int]:
     found: list[int] = []
     try:
@@ -354,8 +384,7 @@ def _read_tail(path: Path) -> str:
         return ""
 
 
-def main(argv: list[str]) -> int:
-    job_dir = Path(argv[1])
+def supervise(job_dir: Path) -> int:
     lock_fd = os.open(job_dir / SUPERVISOR_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -366,11 +395,32 @@ def main(argv: list[str]) -> int:
         supervisor = Supervisor(job_dir)
         supervisor.run()
     except Exception as exc:
+        import traceback
+
         traceback.print_exc()
         if supervisor is not None:
             kill_job_group(supervisor.state.get("job"))
             supervisor.finish(Phase.LOST, Failure.LOST, f"lost: supervisor error: {exc}")
+            supervisor.publish()
         return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """One job: supervise it here. Several (a round): fork a supervisor for each and leave, so
+    that K jobs share one interpreter start-up; each child is a job's own, independent supervisor.
+    """
+    job_dirs = [Path(arg) for arg in argv[1:]]
+    if len(job_dirs) == 1:
+        return supervise(job_dirs[0])
+    for job_dir in job_dirs:
+        if os.fork() == 0:
+            os.setsid()
+            code = 1
+            try:
+                code = supervise(job_dir)
+            finally:
+                os._exit(code)
     return 0
 
 

@@ -167,7 +167,9 @@ def status(
     live = ctx.client.status([e for e in entries if e.result is None])
     rows = []
     for entry in entries:
-        result = entry.result or (ctx.client.collect(entry) if live[entry.slug].phase.final else None)
+        result = entry.result or (
+            ctx.client.collect([entry])[0] if live[entry.slug].phase.final else None
+        )
         rows.append({
             "slug": entry.slug, "name": entry.name, "backend": entry.backend,
             "commit": entry.spec.code.commit[:12],
@@ -199,7 +201,7 @@ def logs(
     (entry,) = ctx.client.entries([slug])
     backend = ctx.client.backend_for(entry)
     text = backend.logs(entry.slug, tail=tail)
-    sys.stdout.write(text)
+    sys.stdout.write(text + ("\n" if text and not text.endswith("\n") else ""))
     sys.stdout.flush()
     if not follow:
         return
