@@ -8,7 +8,7 @@ result in the ledger.
     speedup  = wall(1 slot) / wall(K slots)            target: >= 0.97 * K
     overhead = wall(K slots) - longest job's run time   target: < 0.5 s per round
 
-Run:  python bench/bench_fanout.py [--duration 10] [--ks 1,4,16] [--markdown]
+Run:  python bench/bench_fanout.py [--duration 15] [--ks 1,4,16] [--markdown]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def run_round(repo: Path, commit: str, k: int, slots: int, duration: float, tag:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds each job runs")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds each job runs")
     parser.add_argument("--ks", default="1,4,16", help="comma-separated round sizes")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", type=Path, help="also write raw figures here")

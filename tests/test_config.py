@@ -39,9 +39,12 @@ gpus = ["0", "1"]
 namespace = "research"
 
 [validate]
-max_seconds = 30
+dry_run_timeout_s = 30
 
 [proposer]
+name = "llm"
+
+[proposer.llm]
 model = "some-model"
 """
 
@@ -55,7 +58,8 @@ def write(root: Path, text: str) -> Path:
 def test_defaults_without_a_file(tmp_path: Path):
     config = load_config(tmp_path)
     assert config == FanoutConfig()
-    assert config.study.name == "default" and config.study.k == 4 and config.study.branch == "research"
+    assert config.study.study_name == "default" and config.study.k == 4
+    assert config.study.branch == "research" and config.study.threshold == 0.0
     assert config.job.command == DEFAULT_COMMAND == "python train.py"
     assert config.job.time_limit_s == 900.0 and config.job.time_budget_s is None
     assert config.job.gpus == 1 and config.job.env == {}
@@ -75,8 +79,9 @@ def test_values_are_read(tmp_path: Path):
     assert job.data_dir == "/data/climbmix" and job.gpus == 2 and job.gpu_type == "H100"
     assert job.env == {"WANDB_MODE": "offline"}
     assert config.backend.name == "k8s"
-    assert config.validate_ == {"max_seconds": 30}
-    assert config.proposer == {"model": "some-model"}
+    assert config.validate_.dry_run_timeout_s == 30 and config.validate_.allowed_files == ["train.py"]
+    assert config.proposer.name == "llm"
+    assert config.proposer.options_for("llm") == {"model": "some-model"}
 
 
 def test_backend_tables_reach_options_for(tmp_path: Path):

@@ -103,3 +103,17 @@ def path_exists_at(repo: git.Repo, sha: str, path: str) -> bool:
     except (KeyError, ValueError, git.BadName):
         return False
     return True
+
+
+FALLBACK_IDENTITY = ("-c", "user.name=fanout-research", "-c", "user.email=fanout@localhost")
+
+
+def identity_args(repo: git.Repo) -> tuple[str, ...]:
+    """``-c`` options giving git an author where none is configured (a fresh machine or CI);
+    the user's own identity always wins."""
+    try:
+        repo.git.config("user.email")
+        repo.git.config("user.name")
+    except git.GitCommandError:
+        return FALLBACK_IDENTITY
+    return ()

@@ -84,11 +84,12 @@ def usable_val_bpb(metrics: dict[str, Any]) -> bool:
 
 
 def classify_exit(
-    exit_code: int | None, metrics: dict[str, Any], log_tail: str
+    exit_code: int | None, metrics: dict[str, Any], log_tail: str, requires_metric: bool = True
 ) -> tuple[Phase, Failure | None, str]:
-    """Turn a finished process into (phase, failure, reason). Success needs exit 0 AND a metric."""
+    """Turn a finished process into (phase, failure, reason). Success needs exit 0 AND a metric,
+    unless the job is one that reports none (data preparation)."""
     if exit_code == 0:
-        if usable_val_bpb(metrics):
+        if usable_val_bpb(metrics) or not requires_metric:
             return Phase.SUCCEEDED, None, ""
         if "val_bpb" in metrics:
             return Phase.FAILED, Failure.NO_METRIC, f"no metric: val_bpb is {metrics['val_bpb']!r}"

@@ -70,6 +70,9 @@ class JobSpec(FrozenModel):
     resources: Resources = Field(default_factory=Resources)
     data: DataMount | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    requires_metric: bool = Field(
+        True, description="Success needs a val_bpb; off for jobs like data preparation."
+    )
 
     @field_validator("name")
     @classmethod

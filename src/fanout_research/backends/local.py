@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fanout_research import gitrepo
 from fanout_research.backends import local_files as files
+from fanout_research.backends.local_supervisor import register_worktree
 from fanout_research.errors import JobSpecError, UnknownJobError
 from fanout_research.metrics import last_lines
 from fanout_research.models import JobResult, JobSpec, JobState, Metrics, Phase
@@ -93,7 +94,7 @@ def _when(epoch: float | None) -> datetime | None:
 
 class LocalBackend:
     name: ClassVar[str] = "local"
-    poll_interval_s: ClassVar[float] = 0.05
+    poll_interval_s: ClassVar[float] = 0.02  # a poll reads one small file per job
 
     def __init__(self, study: StudyDir, **options: Any) -> None:
         opts = LocalOptions.model_validate(options)
@@ -131,6 +132,10 @@ class LocalBackend:
             else:
                 self._resubmit(spec)
         if fresh:
+            # Register the worktrees here, one after another (git cannot do it concurrently, and a
+            # lock contended by K starting supervisors convoys); they then fill them in parallel.
+            for job_dir in fresh:
+                register_worktree(files.read_json(job_dir / files.LAUNCH))
             self._spawn_supervisors(fresh)
         return [spec.name for spec in specs]
 
@@ -185,6 +190,7 @@ class LocalBackend:
             "argv": list(spec.command),
             "env": env,
             "time_limit_s": spec.time_limit_s,
+            "requires_metric": spec.requires_metric,
             "kill_grace_s": self.kill_grace_s,
             "worktree": str(self.worktrees_dir / spec.name),
             "worktree_lock": str(gitrepo.common_dir(repo) / "fanout" / "worktrees.lock"),
@@ -205,6 +211,11 @@ class LocalBackend:
             or key.startswith(ENV_PASSTHROUGH_PREFIXES)
         }
         env["PYTHONUNBUFFERED"] = "1"
+        # `python` in a local job means the interpreter running fanout (its venv has the trainer's
+        # packages), even when that venv is not activated in the submitting shell.
+        here = str(Path(sys.executable).parent)
+        if env.get("PATH", "").split(os.pathsep)[0] != here:
+            env["PATH"] = os.pathsep.join(filter(None, [here, env.get("PATH")]))
         env.update(spec.protocol_env())
         if spec.data is not None:  # no mounts here: the job reads the source directory in place
             data = Path(spec.data.source).expanduser()
@@ -231,7 +242,10 @@ class LocalBackend:
         env = dict(files.read_json(job_dirs[0] / files.LAUNCH)["env"])
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-m", "fanout_research.backends.local_supervisor", *map(str, job_dirs)]
+        # -S: the supervisor is stdlib-only and finds this package through PYTHONPATH, so it
+        # skips site-packages and its .pth files; it starts once per round, on the critical path.
+        argv = [sys.executable, "-S", "-m", "fanout_research.backends.local_supervisor",
+                *map(str, job_dirs)]
         with open(job_dirs[0] / files.SUPERVISOR_LOG, "ab") as log:
             setsid = _setsid()
             if setsid:  # double fork: the supervisor is nobody's child, so never a zombie of ours

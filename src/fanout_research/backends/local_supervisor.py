@@ -22,6 +22,7 @@ import ctypes
 import fcntl
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,37 +160,26 @@ class Supervisor:
             capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )
 
-    @contextlib.contextmanager
-    def worktree_lock(self) -> Iterator[None]:
-        """Git's worktree commands are not safe to run at once: `worktree add` reads every other
-        worktree's admin files and fails on one that a concurrent add has half written. They
-        take milliseconds, so jobs of one repository take turns."""
-        fd = os.open(self.launch["worktree_lock"], os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
     def checkout(self) -> None:
+        """Fill the job's worktree with its commit. The submitter normally registered the worktree
+        already (see LocalBackend.submit_many); a relaunched supervisor registers it itself."""
         worktree = Path(self.launch["worktree"])
-        with self.worktree_lock():
-            if worktree.exists():  # left by a supervisor that died while preparing
-                self.git("worktree", "remove", "--force", str(worktree))
-            # `--force` re-adds a path whose directory was lost but is still registered.
-            done = self.git(
-                "worktree", "add", "--force", "--detach", "--quiet", str(worktree), self.launch["commit"]
-            )
+        if not (worktree / ".git").exists():
+            done = register_worktree(self.launch)
+            if done.returncode != 0:
+                raise SetupError(f"checkout failed: {_last_line(done.stderr, 'git worktree add failed')}")
+        done = subprocess.run(
+            ["git", "-C", str(worktree), "-c", "core.hooksPath=/dev/null", "reset", "--hard", "-q"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
         if done.returncode != 0:
-            message = done.stderr.strip().splitlines()[-1:] or ["git worktree add failed"]
-            raise SetupError(f"checkout failed: {message[0]}")
+            raise SetupError(f"checkout failed: {_last_line(done.stderr, 'git reset failed')}")
         # Keep the commit reachable after the worktree is gone: results must stay reproducible.
         self.git("update-ref", self.launch["ref"], self.launch["commit"])
 
     def remove_worktree(self) -> None:
-        if not self.launch.get("keep_worktree") and Path(self.launch["worktree"]).exists():
-            with self.worktree_lock():
-                self.git("worktree", "remove", "--force", self.launch["worktree"])
+        if not self.launch.get("keep_worktree"):
+            unregister_worktree(self.launch)
 
     def acquire_slot(self) -> tuple[int, int] | None:
         """Wait, first come first served, for one of the machine's slots; None if cancelled.
@@ -330,8 +320,58 @@ class Supervisor:
             self.note("cancelled; its process group was killed")
             self.finish(Phase.CANCELLED, Failure.CANCELLED, "cancelled", **timing)
         else:
-            phase, failure, reason = classify_exit(exit_code, metrics, tail)
+            phase, failure, reason = classify_exit(
+                exit_code, metrics, tail, self.launch.get("requires_metric", True)
+            )
             self.finish(phase, failure, reason, **timing)
+
+
+@contextlib.contextmanager
+def worktree_lock(launch: dict[str, Any]) -> Iterator[None]:
+    """Git's worktree commands are not safe to run at once: `worktree add` reads every other
+    worktree's admin files and fails on one that a concurrent add has half written (and `prune`
+    deletes it). They take milliseconds, so the jobs of one repository take turns."""
+    fd = os.open(launch["worktree_lock"], os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def register_worktree(launch: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """Register the job's worktree without checking files out (that part is safe in parallel).
+    `--force` re-adds a path whose directory was lost but which git still lists."""
+    worktree = launch["worktree"]
+    git = ["git", "-C", launch["repo"], "-c", "core.hooksPath=/dev/null", "worktree"]
+    with worktree_lock(launch):
+        if os.path.exists(worktree):  # left by a supervisor that died while preparing
+            subprocess.run([*git, "remove", "--force", worktree], capture_output=True)
+        return subprocess.run(
+            [*git, "add", "--no-checkout", "--force", "--detach", "--quiet", worktree, launch["commit"]],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+
+
+def unregister_worktree(launch: dict[str, Any]) -> None:
+    """What `git worktree remove --force` does, without a git process per job: delete the
+    checkout and the admin directory its ``.git`` file names. Under the lock all the same, since a
+    concurrent `worktree add` reads every admin directory."""
+    worktree = Path(launch["worktree"])
+    try:
+        pointer = (worktree / ".git").read_text().strip()
+    except OSError:
+        pointer = ""
+    admin = Path(pointer.removeprefix("gitdir:").strip()) if pointer.startswith("gitdir:") else None
+    with worktree_lock(launch):
+        shutil.rmtree(worktree, ignore_errors=True)
+        if admin is not None and admin.parent.name == "worktrees":  # never anything else
+            shutil.rmtree(admin, ignore_errors=True)
+
+
+def _last_line(text: str, default: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else default
 
 
 def _my_turn(me: Path, count: int, check_stale: bool) -> bool:

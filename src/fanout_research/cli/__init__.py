@@ -37,7 +37,7 @@ def fail(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fanout_research.cli import jobs_cmds  # noqa: F401 - registers the commands
+    from fanout_research.cli import jobs_cmds, research_cmds  # noqa: F401 - registers the commands
 
     try:
         result = app(args=argv, prog_name="fanout", standalone_mode=False)

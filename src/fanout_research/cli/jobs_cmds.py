@@ -48,7 +48,7 @@ def open_context(study: str | None) -> Context:
     if not os.environ.get("FANOUT_STUDY_DIR"):
         repo = gitrepo.open_repo(Path.cwd())
     config = load_config(repo.working_tree_dir if repo else None)
-    name = study or config.study.name
+    name = study or config.study.study_name
     if repo is not None:
         study_dir = StudyDir.for_repo(repo.working_tree_dir, name)
     else:

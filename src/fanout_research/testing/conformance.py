@@ -132,6 +132,12 @@ class BackendConformance:
         assert "no metric" in result.reason
         assert "finished without reporting" in result.log_tail
 
+    def test_a_job_that_needs_no_metric_succeeds_on_exit_zero(self, harness: Harness) -> None:
+        slug = harness.backend.submit(harness.spec("nometric", requires_metric=False))
+        result = harness.wait([slug])[slug]
+        assert result.phase is Phase.SUCCEEDED, result
+        assert result.metrics.val_bpb is None
+
     def test_time_limit_stops_a_hanging_job(self, harness: Harness) -> None:
         slug = harness.backend.submit(harness.spec("hang", time_limit=1.5))
         result = harness.wait([slug], timeout=45)[slug]
