@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev,trainer]'
+	$(PY) -m pip install -q -e '.[dev,trainer,plot]'
 	touch $@
 
 .PHONY: install test demo lint bench

@@ -2,25 +2,17 @@
 
 It is the study's memory across processes and crashes: ``fanout wait SLUG`` finds the backend of a
 slug here, and a resumed study (the research loop) finds what it already submitted. One line per
-event, written under an exclusive flock and fsynced, so a crash loses at most the line being
-written, and a torn last line is skipped on read.
+event, appended through ``jsonl.AppendLog`` (flock, fsync, torn-line repair).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fanout_research.models import JobResult, JobSpec, utcnow
-
-SCHEMA_VERSION = 1
+from fanout_research.jsonl import AppendLog, warn
+from fanout_research.models import JobResult, JobSpec
 
 
 @dataclass
@@ -38,34 +30,7 @@ class LedgerEntry:
 class JobLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-
-    @contextmanager
-    def _locked(self) -> Iterator[IO[str]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield handle
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @staticmethod
-    def _write(handle: IO[str], records: list[dict[str, Any]]) -> None:
-        """Append whole lines and make them durable: one fsync per batch, not per line."""
-        if not records:
-            return
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:  # a writer that died mid-line must not swallow our first record
-            handle.seek(handle.tell() - 1)
-            if handle.read(1) != "\n":
-                handle.write("\n")
-        at = utcnow().isoformat()
-        handle.write("".join(
-            json.dumps({"v": SCHEMA_VERSION, "at": at, **r}, separators=(",", ":")) + "\n"
-            for r in records
-        ))
-        handle.flush()
-        os.fsync(handle.fileno())
+        self._log = AppendLog(self.path, required=("name", "event"))
 
     def record_submitted(
         self, slug: str, backend: str, backend_options: dict[str, Any], spec: JobSpec
@@ -80,7 +45,7 @@ class JobLedger:
         Recorded after the backend accepted them: a crash just before this line loses no job,
         because names are idempotent and submitting the same spec again adopts the running job.
         """
-        with self._locked() as handle:
+        with self._log.locked() as handle:
             seen: set[str] = set(self._scan(handle))
             records = []
             for slug, backend, options, spec in submitted:
@@ -90,7 +55,7 @@ class JobLedger:
                         "event": "submitted", "name": spec.name, "slug": slug, "backend": backend,
                         "backend_options": options, "spec": spec.model_dump(mode="json"),
                     })
-            self._write(handle, records)
+            self._log.write(handle, records)
 
     def record_result(self, result: JobResult) -> bool:
         """Record a final result once; True if this call was the one that wrote it."""
@@ -98,18 +63,18 @@ class JobLedger:
 
     def record_results(self, results: list[JobResult]) -> list[bool]:
         """Record final results once each; True for those this call was the one to write."""
-        with self._locked() as handle:
+        with self._log.locked() as handle:
             seen = self._scan(handle)
             fresh = [r for r in results if "result" not in seen.get(r.name, {})]
-            self._write(handle, [
+            self._log.write(handle, [
                 {"event": "result", "name": r.name, "result": r.model_dump(mode="json")} for r in fresh
             ])
             return [r in fresh for r in results]
 
     def record_event(self, name: str, event: str, **details: Any) -> None:
         """Anything else worth keeping in the history, e.g. a cancellation request."""
-        with self._locked() as handle:
-            self._write(handle, [{"event": event, "name": name, **details}])
+        with self._log.locked() as handle:
+            self._log.write(handle, [{"event": event, "name": name, **details}])
 
     def spec_of(self, name: str) -> dict[str, Any] | None:
         """The recorded spec (as JSON data) of a job name, without loading the whole ledger."""
@@ -133,34 +98,21 @@ class JobLedger:
             return entries[ref]
         return next((e for e in entries.values() if e.slug == ref), None)
 
-    def _records(self, handle: IO[str]) -> Iterator[dict[str, Any]]:
-        handle.seek(0)
-        for number, line in enumerate(handle, start=1):
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "name" not in record or "event" not in record:
-                    raise ValueError("not a ledger record")
-            except ValueError as exc:
-                if line.endswith("\n"):  # a torn final line is expected after a crash; others not
-                    print(f"fanout: skipping bad line {number} of {self.path}: {exc}", file=sys.stderr)
-                continue
-            yield record
-
     def _scan(self, handle: IO[str]) -> dict[str, dict[str, Any]]:
         """name -> the events seen for it (event name -> record), with no model validation."""
         seen: dict[str, dict[str, Any]] = {}
-        for record in self._records(handle):
+        for record in self._log.records(handle):
             if record["event"] == "submitted" or record["name"] in seen:
                 seen.setdefault(record["name"], {}).setdefault(record["event"], record)
         return seen
 
     def _read(self, handle: IO[str]) -> dict[str, LedgerEntry]:
         found: dict[str, LedgerEntry] = {}
-        for record in self._records(handle):
+        for record in self._log.records(handle):
             try:
                 self._apply(found, record)
             except (KeyError, ValueError) as exc:
-                print(f"fanout: skipping bad record in {self.path}: {exc}", file=sys.stderr)
+                warn(f"fanout: skipping bad record in {self.path}: {exc}")
         return found
 
     @staticmethod

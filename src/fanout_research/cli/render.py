@@ -109,3 +109,58 @@ def result_json(result: JobResult) -> dict[str, Any]:
 
 def state_json(slug: str, state: JobState) -> dict[str, Any]:
     return {"slug": slug, "phase": str(state.phase), "raw": state.raw, "unfinished": True}
+
+
+class RoundView:
+    """The live view of a study's rounds: one row per candidate (state, time running, val_bpb)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.console = Console(file=self.stream, stderr=self.stream is sys.stderr)
+        self.live = Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
+        self.seen: dict[str, tuple[str, Any]] = {}
+        self.round = 0
+
+    def __enter__(self) -> RoundView:
+        if self.live:
+            self.live.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.live:
+            self.live.stop()
+
+    def update(self, number: int, views: Any) -> None:
+        if self.live is not None:
+            if number != self.round:  # keep finished rounds on screen
+                self.live.stop()
+                self.live = Live(console=self.console, auto_refresh=False)
+                self.live.start()
+            self.round = number
+            self.live.update(self._table(number, views), refresh=True)
+            return
+        self.round = number
+        for view in views:
+            key = (view.state, view.val_bpb)
+            if self.seen.get(view.name) != key:
+                self.seen[view.name] = key
+                bpb = f" val_bpb={view.val_bpb:.6f}" if view.val_bpb is not None else ""
+                detail = f" ({view.detail})" if view.detail and view.state in ("reject",) else ""
+                print(f"round {number} {view.name}: {view.state}{bpb}{detail}  [{view.description}]",
+                      file=self.stream, flush=True)
+
+    @staticmethod
+    def _table(number: int, views: Any) -> Table:
+        table = Table(title=f"round {number}", title_justify="left")
+        for column in ("candidate", "idea", "state", "running for", "val_bpb"):
+            table.add_column(column)
+        now = time.time()
+        for view in views:
+            ran = f"{now - view.started_at.timestamp():.0f}s" \
+                if view.started_at and view.state == "running" else ""
+            bpb = f"{view.val_bpb:.6f}" if view.val_bpb is not None else ""
+            style = {"keep": "green", "crash": "red", "reject": "red", "discard": "dim"}.get(view.state, "")
+            state = f"[{style}]{view.state}[/]" if style else view.state
+            table.add_row(view.name, view.description, state, ran, bpb)
+        return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shlex
@@ -15,7 +16,7 @@ import typer
 from fanout_research import gitrepo
 from fanout_research.cli import EXIT_JOB_FAILED, app, fail
 from fanout_research.cli.jobs_cmds import open_context, say
-from fanout_research.cli.render import ProgressView, print_summaries
+from fanout_research.cli.render import ProgressView, RoundView, print_summaries
 from fanout_research.models import CodeSource, JobSpec
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "template"
@@ -89,3 +90,164 @@ def prepare(
         return EXIT_JOB_FAILED
     print(out)
     return 0
+
+
+def print_results(state_records: list, stream: object = None) -> None:
+    header = f"{'round':>5} {'cand':>4}  {'commit':7}  {'val_bpb':>9}  {'status':8}  description"
+    print(header, file=stream)
+    for r in state_records:
+        bpb = f"{r.val_bpb:9.6f}" if r.val_bpb is not None else f"{'-':>9}"
+        detail = f"  ({r.reason})" if r.status in ("crash", "reject") and r.reason else ""
+        print(f"{r.round:>5} {r.candidate:>4}  {(r.commit or r.parent)[:7]}  {bpb}  {r.status:8}  "
+              f"{r.description}{detail}", file=stream)
+
+
+def _study(observer: object = None) -> object:
+    from fanout_research.research.loop import Study
+
+    return Study(Path.cwd(), observer=observer)  # type: ignore[arg-type]
+
+
+@app.command()
+def run(
+    rounds: Annotated[int | None, typer.Option(help="Run until the study has this many rounds.")] = None,
+) -> int:
+    """Run (or resume) the study of this repo: K candidates per round, best one kept."""
+    from fanout_research.research.loop import StudyError
+
+    if rounds is not None and rounds < 1:
+        fail(f"--rounds must be at least 1, not {rounds}")
+    with RoundView() as view:
+        study = _study(view.update)
+        try:
+            outcome = study.run(rounds)  # type: ignore[attr-defined]
+        except StudyError as exc:
+            say(f"fanout: study stopped: {exc}")
+            return EXIT_JOB_FAILED
+    if outcome.stopped:
+        say(f"fanout: study stopped early: {outcome.stopped}")
+    print_results(study.log.state().records)  # type: ignore[attr-defined]
+    return 0
+
+
+DEMO_SETTINGS = {  # CPU-sized: ~12 s per job, 13 jobs, two at a time on a 2-core machine
+    "time_budget_s = 300": "time_budget_s = {budget:g}",
+    "time_limit_s = 600": "time_limit_s = 120",
+    '# profile = "cpu"': 'profile = "cpu"',
+    "k = 4 ": "k = {k} ",
+}
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path | None, typer.Option("--dir", help="Scratch directory (default: new).")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 3,
+    k: Annotated[int, typer.Option(help="Candidates per round.")] = 4,
+    budget: Annotated[float, typer.Option(help="Training seconds per job.")] = 8.0,
+) -> int:
+    """The embedded default end to end: scaffold, prepare, 3 rounds of K=4 on this machine's CPU."""
+    import tempfile
+    import time
+
+    from fanout_research.research.loop import Study, StudyError
+    from fanout_research.research.plot import plot_progress
+
+    if rounds < 1 or k < 1 or budget <= 0:
+        fail("--rounds and --k must be at least 1 and --budget positive")
+    root = (directory or Path(tempfile.mkdtemp(prefix="fanout-demo-"))).expanduser().resolve()
+    repo, data = root / "repo", root / "data"
+    started = time.monotonic()
+    scaffold(repo, tag="demo")
+    config = repo / "fanout.toml"
+    text = config.read_text()
+    for old, new in DEMO_SETTINGS.items():
+        text = text.replace(old, new.format(budget=budget, k=k), 1)
+    text = text.replace('data_dir = "~/.cache/fanout/data/synthetic"', f'data_dir = "{data}"', 1)
+    # One thread per job and a slot per core: on a CPU, two small jobs beat one with two threads.
+    text += f"\n[backend.local]\nslots = {os.cpu_count() or 1}\nslots_dir = \"{root / 'slots'}\"\n"
+    config.write_text(text)
+    git_repo = gitrepo.open_repo(repo)
+    git_repo.git.execute(["git", *gitrepo.identity_args(git_repo), "-C", str(repo), "commit", "-q",
+                          "-am", "demo: CPU-sized settings"])
+    say(f"demo: research repo {repo}")
+    here = Path.cwd()
+    os.chdir(repo)
+    try:
+        if prepare(backend=None, force=False, study=None) != 0:
+            return EXIT_JOB_FAILED
+        with RoundView() as view:
+            study = Study(repo, observer=view.update)
+            try:
+                study.run(rounds)
+            except StudyError as exc:
+                say(f"fanout: demo stopped: {exc}")
+                return EXIT_JOB_FAILED
+    finally:
+        os.chdir(here)
+    records = study.log.state().records
+    print_results(records)
+    plot = plot_progress(records, root / "progress.png", title="fanout demo")
+    wall = time.monotonic() - started
+    tried = [r for r in records if r.tried]
+    baseline = next(r.val_bpb for r in records if r.status == "baseline")
+    best = study.log.state().best
+    best_val = best.val_bpb if best else baseline
+    print(f"\nwall {wall:.0f}s | baseline val_bpb {baseline:.6f} | best {best_val:.6f} "
+          f"({(best_val - baseline) / baseline * 100:+.1f}%) | {len(tried)} experiments, "
+          f"{len(tried) / wall * 3600:.0f}/hour | plot {plot} | results {study.log.tsv_path}")
+    return 0
+
+
+@app.command()
+def results(
+    as_json: Annotated[bool, typer.Option("--json", help="Every candidate record as JSON.")] = False,
+) -> None:
+    """The study's results: every candidate, its val_bpb and whether it was kept."""
+    study = _study()
+    records = study.log.state().records  # type: ignore[attr-defined]
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+    else:
+        print_results(records)
+
+
+@app.command()
+def best(as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> int:
+    """The best result so far: the commit the research branch points at."""
+    study = _study()
+    record = study.log.state().best  # type: ignore[attr-defined]
+    if record is None:
+        say("no result yet: run `fanout run` first")
+        return EXIT_JOB_FAILED
+    if as_json:
+        print(json.dumps(record.model_dump(mode="json"), indent=2))
+    else:
+        print(f"{record.commit}  val_bpb={record.val_bpb:.6f}  {record.status}  {record.description}")
+    return 0
+
+
+@app.command()
+def plot(out: Annotated[Path | None, typer.Option(help="PNG to write.")] = None) -> None:
+    """Draw the running-best val_bpb over experiments as a PNG."""
+    from fanout_research.research.plot import plot_progress
+
+    study = _study()
+    records = study.log.state().records  # type: ignore[attr-defined]
+    target = out or study.study.root / "progress.png"  # type: ignore[attr-defined]
+    try:
+        print(plot_progress(records, target, title=study.study.name))  # type: ignore[attr-defined]
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def prune(
+    all_: Annotated[bool, typer.Option("--all", help="Also delete the kept candidates' branches.")] = False,
+) -> None:
+    """Delete the study's candidate branches (kept ones stay unless --all; the research branch
+    holds their commits either way)."""
+    study = _study()
+    keep = set() if all_ else {r.branch for r in study.log.state().records  # type: ignore[attr-defined]
+                               if r.status == "keep" and r.branch}
+    for branch in study.workspace.prune(keep):  # type: ignore[attr-defined]
+        print(f"deleted {branch}")

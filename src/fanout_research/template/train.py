@@ -9,7 +9,8 @@ therefore reaches every profile: DEPTH 8 -> 10 means ten layers on an H100 and o
 
 Environment: FANOUT_DATA_DIR (prepared data, read-only), FANOUT_TIME_BUDGET_S (training
 seconds, default 300; start-up, compilation and evaluation are not counted), FANOUT_PROFILE
-(overrides PROFILE), FANOUT_JOB_NAME. Exit 0 = finished, 2 = bad setup, 3 = diverged.
+(overrides PROFILE), FANOUT_JOB_NAME, FANOUT_DRY_RUN=N (validation: N steps, print
+`fanout-dry-run loss=...`, no budget, no eval). Exit 0 = finished, 2 = bad setup, 3 = diverged.
 """
 
 import time
@@ -258,6 +259,10 @@ def main() -> None:
     data_dir = os.path.expanduser(os.environ.get("FANOUT_DATA_DIR")
                                   or "~/.cache/fanout/data/synthetic")
     budget = float(os.environ.get("FANOUT_TIME_BUDGET_S", "300"))
+    dry_run = os.environ.get("FANOUT_DRY_RUN", "").strip()
+    if dry_run and not dry_run.isdigit():
+        raise SetupError(f"FANOUT_DRY_RUN={dry_run!r} is not a number of steps")
+    dry_run_steps = int(dry_run or 0)  # > 0: a validation run, N steps then stop (no eval)
     data = prepare.Data(data_dir, os.environ.get("FANOUT_VERIFY", "auto"))
     torch.manual_seed(SEED)
     torch.set_float32_matmul_precision("high")  # TF32 where the GPU has it
@@ -349,6 +354,9 @@ def main() -> None:
                       f"{dt * 1e3:.0f} ms | {tokens_per_step / dt:,.0f} tok/s | "
                       f"{train_time:.1f}/{budget:.0f}s", flush=True)
                 next_log += max(budget / 10, 1.0)
+            if dry_run_steps and step >= dry_run_steps:
+                print(f"fanout-dry-run loss={loss_f:.6f} steps={step}", flush=True)
+                return
             if train_time >= budget:
                 break
 
