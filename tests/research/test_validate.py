@@ -390,6 +390,8 @@ def test_runtime_sees_a_minimal_environment_never_ours(tmp_path: Path, data_dir:
     assert env["FANOUT_PROFILE"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
     assert env["FANOUT_DRY_RUN"] == "2"  # the protocol wins over extra_env
     assert env["FANOUT_DATA_DIR"] == str(data_dir.resolve()) and env["FANOUT_EXTRA"] == "yes"
+    home = Path(env["HOME"])  # an empty scratch home: no ~/.netrc, ~/.aws of ours to read
+    assert home != Path.home() and home.is_dir() and not any(home.iterdir())
     allowed = {"PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "FANOUT_PROFILE", "OMP_NUM_THREADS",
                "FANOUT_DRY_RUN", "FANOUT_DATA_DIR", "FANOUT_EXTRA", "FANOUT_VERIFY",
                "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}

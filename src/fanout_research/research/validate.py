@@ -568,6 +568,11 @@ class Validator:
         return changed
 
     # -- steps 5-6 ------------------------------------------------------------------------
+    def _scratch_home(self) -> str:
+        if getattr(self, "_home", None) is None:
+            self._home = tempfile.mkdtemp(prefix="fanout-dry-run-home-")
+        return self._home
+
     def runtime_env(self) -> dict[str, str]:
         """The whole environment of the runtime subprocesses: a few locale/path variables of
         ours, the dry-run protocol, ``extra_env``; nothing else (no API keys, no PYTHONPATH)."""
@@ -575,6 +580,8 @@ class Validator:
                if k in RUNTIME_ENV_KEEP or k.startswith(RUNTIME_ENV_PREFIXES)}
         env.update(FANOUT_PROFILE="cpu", OMP_NUM_THREADS="1", FANOUT_VERIFY="sizes",
                    PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        # An empty home: candidate code in a dry run finds no ~/.netrc, ~/.aws or ~/.config.
+        env["HOME"] = self._scratch_home()
         if self.data_dir is not None:
             env["FANOUT_DATA_DIR"] = str(self.data_dir)
         env.update(self.extra_env)
