@@ -30,7 +30,7 @@ def scaffolded(tmp_path: Path) -> Path:
 
 def test_init_makes_a_clean_repo_holding_the_template(scaffolded: Path) -> None:
     tracked = set(git(scaffolded, "ls-files").splitlines())
-    assert TEMPLATE_FILES <= tracked
+    assert tracked >= TEMPLATE_FILES
     assert not any("__pycache__" in path for path in tracked)
     assert git(scaffolded, "status", "--porcelain") == ""
     assert git(scaffolded, "branch", "--show-current") == "main"
