@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.live import Live
@@ -21,19 +21,15 @@ _STYLE = {
 }
 
 
-class ProgressView:
-    """A live table on a terminal; one plain line per state change anywhere else (CI, agents)."""
+class LiveOrLines:
+    """A live rich display on a terminal; plain lines anywhere else (CI logs, agents, pipes)."""
 
-    def __init__(self, names: Mapping[str, str], stream: Any = None) -> None:
-        self.names = dict(names)
+    def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stderr
-        self.started = time.monotonic()
-        self.states: dict[str, JobState] = {}
         self.console = Console(file=self.stream, stderr=self.stream is sys.stderr)
-        self.live = Live(console=self.console, auto_refresh=False, transient=False) \
-            if self.console.is_terminal else None
+        self.live = Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
 
-    def __enter__(self) -> ProgressView:
+    def __enter__(self) -> Self:
         if self.live:
             self.live.start()
         return self
@@ -41,8 +37,20 @@ class ProgressView:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self.live:
-            self.live.update(self._table(), refresh=True)
             self.live.stop()
+
+    def line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+class ProgressView(LiveOrLines):
+    """Jobs being waited for: a live table, or one line per state change."""
+
+    def __init__(self, names: Mapping[str, str], stream: Any = None) -> None:
+        super().__init__(stream)
+        self.names = dict(names)
+        self.started = time.monotonic()
+        self.states: dict[str, JobState] = {}
 
     def update(self, states: Mapping[str, JobState]) -> None:
         for slug, state in states.items():
@@ -52,8 +60,7 @@ class ProgressView:
             if self.live is None and changed:
                 was = f"{before.phase} -> " if before else ""
                 detail = f" ({state.raw})" if state.raw and state.raw != state.phase else ""
-                print(f"[{time.monotonic() - self.started:7.1f}s] {slug}: {was}{state.phase}{detail}",
-                      file=self.stream, flush=True)
+                self.line(f"[{time.monotonic() - self.started:7.1f}s] {slug}: {was}{state.phase}{detail}")
         if self.live:
             self.live.update(self._table(), refresh=True)
 
@@ -111,25 +118,13 @@ def state_json(slug: str, state: JobState) -> dict[str, Any]:
     return {"slug": slug, "phase": str(state.phase), "raw": state.raw, "unfinished": True}
 
 
-class RoundView:
-    """The live view of a study's rounds: one row per candidate (state, time running, val_bpb)."""
+class RoundView(LiveOrLines):
+    """A study's rounds: one row per candidate (state, time running, val_bpb)."""
 
     def __init__(self, stream: Any = None) -> None:
-        self.stream = stream or sys.stderr
-        self.console = Console(file=self.stream, stderr=self.stream is sys.stderr)
-        self.live = Live(console=self.console, auto_refresh=False) if self.console.is_terminal else None
+        super().__init__(stream)
         self.seen: dict[str, tuple[str, Any]] = {}
         self.round = 0
-
-    def __enter__(self) -> RoundView:
-        if self.live:
-            self.live.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.live:
-            self.live.stop()
 
     def update(self, number: int, views: Any) -> None:
         if self.live is not None:
@@ -147,8 +142,7 @@ class RoundView:
                 self.seen[view.name] = key
                 bpb = f" val_bpb={view.val_bpb:.6f}" if view.val_bpb is not None else ""
                 detail = f" ({view.detail})" if view.detail and view.state in ("reject",) else ""
-                print(f"round {number} {view.name}: {view.state}{bpb}{detail}  [{view.description}]",
-                      file=self.stream, flush=True)
+                self.line(f"round {number} {view.name}: {view.state}{bpb}{detail}  [{view.description}]")
 
     @staticmethod
     def _table(number: int, views: Any) -> Table:
