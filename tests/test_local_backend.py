@@ -291,3 +291,22 @@ def test_a_bad_spec_in_a_round_submits_none_of_it(research_repo, study: StudyDir
     with pytest.raises(JobSpecError, match="fanout-no-such-program-xyz"):
         backend.submit_many([good, bad])
     assert not backend.jobs_dir.exists() or not any(backend.jobs_dir.iterdir())
+
+
+def test_registered_worktrees_are_real_git_worktrees(research_repo, study: StudyDir) -> None:
+    """Worktrees are registered by writing git's documented admin files, not by `git worktree
+    add`: git itself must agree that they are worktrees at the job's commit."""
+    repo, commit = research_repo
+    backend = LocalBackend(study, slots=2, gpus=[], keep_worktrees=True)
+    harness = Harness(backend=backend, repo=repo, commit=commit, python=sys.executable)
+    slugs = backend.submit_many([harness.spec("ok"), harness.spec("ok")])
+    harness.wait(slugs)
+    listing = git(repo, "worktree", "list", "--porcelain")
+    for slug in slugs:
+        worktree = backend.worktrees_dir / slug
+        assert f"worktree {worktree}\nHEAD {commit}\ndetached" in listing
+        assert git(worktree, "status", "--porcelain") == ""
+        assert git(worktree, "rev-parse", "HEAD") == commit
+    git(repo, "worktree", "prune")  # git's own clean-up keeps worktrees that exist
+    assert all(f"worktree {backend.worktrees_dir / s}" in git(repo, "worktree", "list", "--porcelain")
+               for s in slugs)

@@ -132,10 +132,13 @@ class LocalBackend:
             else:
                 self._resubmit(spec)
         if fresh:
-            # Register the worktrees here, one after another (git cannot do it concurrently, and a
-            # lock contended by K starting supervisors convoys); they then fill them in parallel.
+            # Register the worktrees here (a fraction of a millisecond each); each supervisor then
+            # fills its own in parallel.
             for job_dir in fresh:
-                register_worktree(files.read_json(job_dir / files.LAUNCH))
+                # A failure here is the job's, not the submitter's: its supervisor tries again
+                # and reports a setup failure with the reason.
+                with contextlib.suppress(OSError):
+                    register_worktree(files.read_json(job_dir / files.LAUNCH))
             self._spawn_supervisors(fresh)
         return [spec.name for spec in specs]
 
@@ -194,6 +197,7 @@ class LocalBackend:
             "kill_grace_s": self.kill_grace_s,
             "worktree": str(self.worktrees_dir / spec.name),
             "worktree_lock": str(gitrepo.common_dir(repo) / "fanout" / "worktrees.lock"),
+            "git_dir": str(gitrepo.common_dir(repo)),
             "keep_worktree": self.keep_worktrees,
             "log": str(self.jobs_dir / spec.name / files.LOG),
             "slots": self.slots,

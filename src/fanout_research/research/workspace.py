@@ -75,9 +75,10 @@ class Workspace:
 
     # -- candidates --------------------------------------------------------------------------------
     def _launch(self, name: str, commit: str) -> dict[str, str]:
+        common = gitrepo.common_dir(self._git_repo)
         return {
             "repo": str(self.repo), "commit": commit, "worktree": str(self.worktrees / name),
-            "worktree_lock": str(gitrepo.common_dir(self._git_repo) / "fanout" / "worktrees.lock"),
+            "worktree_lock": str(common / "fanout" / "worktrees.lock"), "git_dir": str(common),
         }
 
     def checkout(self, name: str, base: str, contents: dict[str, str]) -> Path:
@@ -85,9 +86,10 @@ class Workspace:
         dry-run and committed."""
         launch = self._launch(name, base)
         self.worktrees.mkdir(parents=True, exist_ok=True)
-        done = register_worktree(launch)
-        if done.returncode != 0:
-            raise FanoutError(f"cannot make a worktree for {name}: {done.stderr.strip()}")
+        try:
+            register_worktree(launch)
+        except OSError as exc:
+            raise FanoutError(f"cannot make a worktree for {name}: {exc}") from None
         worktree = Path(launch["worktree"])
         self.git("reset", "--hard", "-q", cwd=worktree)
         for path, text in contents.items():
