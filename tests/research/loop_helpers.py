@@ -240,8 +240,9 @@ def start_fanout(cwd: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-             log: Path | None = None) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float, what: str,
+             proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> Any:
+    """Poll ``condition`` until it is truthy; fail early if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()

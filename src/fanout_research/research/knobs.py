@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fanout_research.research.proposals import Attempt, Proposal, ResearchContext, SearchReplace
+from fanout_research.research.pysource import parse_python
 
 Number = int | float
 
@@ -73,7 +74,7 @@ def _sites(source: str) -> dict[str, _Site]:
 @functools.lru_cache(maxsize=32)
 def _parse_sites(source: str) -> tuple[tuple[str, _Site], ...]:
     """Cached: a round proposes several candidates from one source, and parsing dominates."""
-    tree = ast.parse(source)
+    tree = parse_python(source)
     lines = source.splitlines()
     sites: dict[str, _Site] = {}
     for stmt in tree.body:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO
 
 from fanout_research.research.proposals import Proposal, SearchReplace, WriteFile
+from fanout_research.research.pysource import parse_python
 
 STEPS = ("apply", "files", "syntax", "secrets", "imports", "dry_run")
 DRY_RUN_LINE = re.compile(r"^fanout-dry-run loss=(\S+)(?:\s+steps=(\d+))?\s*$", re.MULTILINE)
@@ -279,16 +280,17 @@ def env_findings(tree: ast.AST) -> list[tuple[str, int, str]]:
 
 
 def added_env_findings(path: str, new: str, old: str | None) -> list[str]:
-    """Findings of ``new`` that ``old`` (the base content) did not already have."""
+    """Findings of ``new`` that ``old`` (the base content) did not already have. A new file that
+    compiles but cannot be analysed is a finding: the check must never pass by failing."""
     def parse(source: str | None) -> ast.AST | None:
         try:
-            return ast.parse(source, path) if source is not None else None
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return parse_python(source, path) if source is not None else None
+        except (SyntaxError, ValueError, RecursionError, MemoryError, SystemError):
             return None
 
     new_tree, old_tree = parse(new), parse(old)
     if new_tree is None:
-        return []
+        return [f"{path}: cannot be analysed for environment reads (too deeply nested?)"]
     before = Counter(key for key, _, _ in (env_findings(old_tree) if old_tree else []))
     added = []
     for key, line, message in sorted(env_findings(new_tree), key=lambda f: f[1]):
@@ -613,8 +615,8 @@ class Validator:
             if not file.is_relative_to(worktree) or not file.is_file():
                 raise Rejected("files", f"{path!r} is not a file inside the worktree")
             try:
-                tree = ast.parse(file.read_text(encoding="utf-8"), path)
-            except (SyntaxError, ValueError, UnicodeDecodeError) as exc:
+                tree = parse_python(file.read_text(encoding="utf-8"), path)
+            except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError, SystemError) as exc:
                 raise Rejected("syntax", f"{path}: {exc}") from None
             for name, line in imported_modules(tree).items():
                 wanted.setdefault(name, f"{path}:{line}")
