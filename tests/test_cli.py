@@ -398,3 +398,23 @@ def test_logs(settled: Path):
 
 def test_logs_tail_ends_with_a_newline(settled: Path):
     assert ok(fanout(settled, "logs", "--tail", "1", "base-job")).stdout == "depth:            2\n"
+
+
+def test_results_and_best_read_the_job_ledger_when_an_agent_drives_the_study(repo: Path) -> None:
+    """No `fanout run`, so no study log: an agent that drives jobs with submit/wait still gets a
+    results table and the best job without parsing logs, including for jobs it never waited on."""
+    good = submit(repo, "--name", "agent-r01-c1")
+    bad = submit(repo, "--name", "agent-r01-c2", "--env", "FANOUT_TEST_MODE=crash")
+    ok(fanout(repo, "wait", good))  # `bad` is never waited for
+    deadline = time.monotonic() + 30
+    while True:
+        rows = {row["name"]: row for row in json.loads(ok(fanout(repo, "results", "--json")).stdout)}
+        if rows[bad]["phase"] != "unfinished" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rows[good]["phase"] == "succeeded" and rows[good]["val_bpb"] == pytest.approx(1.234567)
+    assert rows[bad]["phase"] == "failed" and rows[bad]["val_bpb"] is None and "exit code 3" in rows[bad]["reason"]
+    best = json.loads(ok(fanout(repo, "best", "--json")).stdout)
+    assert best["name"] == good and best["commit"] == rows[good]["commit"]
+    table = ok(fanout(repo, "results")).stdout
+    assert "agent-r01-c1" in table and "1.234567" in table and "failed" in table

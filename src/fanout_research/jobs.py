@@ -58,7 +58,7 @@ class JobClient:
         """Submit a round's jobs back to back and record them in one durable ledger write."""
         for spec in specs:
             known = self.ledger.spec_of(spec.name)
-            if known is not None and known != spec.model_dump(mode="json"):
+            if known is not None and not JobSpec.model_validate(known).same_job(spec):
                 raise JobSpecError(
                     f"a different job named {spec.name!r} is already in study {self.study.name!r}"
                 )

@@ -7,6 +7,8 @@ backend-neutral is what lets the research loop stay hardware-blind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from datetime import UTC, datetime
@@ -91,6 +93,20 @@ class JobSpec(FrozenModel):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"invalid environment variable name {key!r}")
         return value
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two specs the same job: everything but the labels and the branch name,
+        which describe the job without changing what runs (an agent resubmitting a job by name
+        from another checkout must get the same job back, not a refusal)."""
+        data = self.model_dump(mode="json", exclude={"labels"})
+        data["code"].pop("branch", None)
+        return data
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+    def same_job(self, other: JobSpec) -> bool:
+        return self.identity() == other.identity()
 
     def protocol_env(self) -> dict[str, str]:
         """The job protocol's variables, which every backend exports to every job."""

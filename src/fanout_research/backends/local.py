@@ -165,7 +165,7 @@ class LocalBackend:
     def _resubmit(self, spec: JobSpec) -> str:
         job_dir = self.jobs_dir / spec.name
         existing = files.read_json(job_dir / files.SPEC)
-        if existing is None or JobSpec.model_validate(existing) != spec:
+        if existing is None or not JobSpec.model_validate(existing).same_job(spec):
             raise JobSpecError(
                 f"a different job named {spec.name!r} already exists in study {self.study.name!r}"
             )

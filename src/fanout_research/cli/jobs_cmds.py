@@ -206,16 +206,30 @@ def logs(
     if not follow:
         return
     # Poll rather than stream: it works the same on every backend, and survives dropped streams.
-    shown = len(backend.logs(entry.slug)) if tail is not None else len(text)
+    # Some backends return only a window of the newest lines (vesslctl caps at 1000), so new
+    # output is found by overlapping line lists, not by a character offset.
+    shown = backend.logs(entry.slug).splitlines(keepends=True)
     while True:
         final = backend.status([entry.slug])[entry.slug].phase.final
-        full = backend.logs(entry.slug)
-        sys.stdout.write(full[shown:])
+        lines = backend.logs(entry.slug).splitlines(keepends=True)
+        fresh = new_lines(shown, lines)
+        sys.stdout.write("".join(fresh))
         sys.stdout.flush()
-        shown = len(full)
+        shown = lines
         if final:
             return
         time.sleep(max(0.25, backend.poll_interval_s))
+
+
+def new_lines(shown: list[str], now: list[str]) -> list[str]:
+    """The lines of ``now`` after what ``shown`` already printed: ``now`` either extends
+    ``shown`` or is a later window of the same log; if they no longer overlap, say so."""
+    if now[: len(shown)] == shown:
+        return now[len(shown):]
+    for overlap in range(min(len(shown), len(now)), 0, -1):
+        if shown[-overlap:] == now[:overlap]:
+            return now[overlap:]
+    return ["[fanout: some log lines were missed]\n", *now]
 
 
 @app.command()

@@ -108,6 +108,7 @@ def _study(observer: object = None) -> object:
     return Study(Path.cwd(), observer=observer)  # type: ignore[arg-type]
 
 
+
 @app.command()
 def run(
     rounds: Annotated[int | None, typer.Option(help="Run until the study has this many rounds.")] = None,
@@ -198,44 +199,100 @@ def demo(
     return 0
 
 
+def _records(study: str | None = None) -> tuple[object, list]:
+    """The study's context and its candidate records, read from the study log alone: no data
+    directory, proposer or backend is needed to look at results."""
+    from fanout_research.research.studylog import StudyLog
+
+    ctx = open_context(study)
+    return ctx, StudyLog(ctx.study).state().records
+
+
+def job_rows(ctx: object) -> list[dict[str, object]]:
+    """Results straight from the job ledger, for studies driven by an agent through
+    ``fanout submit`` / ``fanout wait`` (no ``fanout run``, so no study log)."""
+    client = ctx.client  # type: ignore[attr-defined]
+    entries = [e for e in client.ledger.entries().values() if e.spec.requires_metric]
+    pending = [e for e in entries if e.result is None]
+    if pending:  # results of jobs nobody has waited for yet
+        states = client.status(pending)
+        client.collect([e for e in pending if states[e.slug].phase.final])
+    rows = []
+    for e in entries:
+        r = e.result
+        rows.append({
+            "name": e.name, "slug": e.slug, "commit": e.spec.code.commit, "branch": e.spec.code.branch,
+            "phase": str(r.phase) if r else "unfinished",
+            "val_bpb": r.metrics.val_bpb if r and r.succeeded else None,
+            "memory_gb": (r.metrics.peak_vram_mb / 1024) if r and r.metrics.peak_vram_mb else None,
+            "reason": r.reason if r else "",
+        })
+    return rows
+
+
 @app.command()
 def results(
     as_json: Annotated[bool, typer.Option("--json", help="Every candidate record as JSON.")] = False,
+    study: Annotated[str | None, typer.Option("--study", help="Study name.")] = None,
 ) -> None:
-    """The study's results: every candidate, its val_bpb and whether it was kept."""
-    study = _study()
-    records = study.log.state().records  # type: ignore[attr-defined]
+    """The study's results: every candidate, its val_bpb and whether it was kept (for a study
+    driven with fanout submit/wait: every job and its val_bpb)."""
+    ctx, records = _records(study)
+    if records:
+        if as_json:
+            print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        else:
+            print_results(records)
+        return
+    rows = job_rows(ctx)
     if as_json:
-        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
-    else:
-        print_results(records)
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'job':30}  {'commit':7}  {'val_bpb':>9}  {'phase':10}  reason")
+    for row in rows:
+        bpb = f"{row['val_bpb']:9.6f}" if row["val_bpb"] is not None else f"{'-':>9}"
+        print(f"{row['name']:30}  {str(row['commit'])[:7]}  {bpb}  {row['phase']:10}  {row['reason']}")
 
 
 @app.command()
-def best(as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False) -> int:
-    """The best result so far: the commit the research branch points at."""
-    study = _study()
-    record = study.log.state().best  # type: ignore[attr-defined]
-    if record is None:
-        say("no result yet: run `fanout run` first")
+def best(
+    as_json: Annotated[bool, typer.Option("--json", help="As JSON.")] = False,
+    study: Annotated[str | None, typer.Option("--study", help="Study name.")] = None,
+) -> int:
+    """The best result so far: the commit the research branch points at (for a study driven
+    with fanout submit/wait: the job with the lowest val_bpb)."""
+    ctx, records = _records(study)
+    if records:
+        from fanout_research.research.studylog import StudyLog
+
+        record = StudyLog(ctx.study).state().best  # type: ignore[attr-defined]
+        data = record.model_dump(mode="json") if record else None
+    else:
+        scored = [row for row in job_rows(ctx) if row["val_bpb"] is not None]
+        data = min(scored, key=lambda row: row["val_bpb"]) if scored else None  # type: ignore[arg-type,return-value]
+    if data is None:
+        say("no result yet")
         return EXIT_JOB_FAILED
     if as_json:
-        print(json.dumps(record.model_dump(mode="json"), indent=2))
+        print(json.dumps(data, indent=2))
     else:
-        print(f"{record.commit}  val_bpb={record.val_bpb:.6f}  {record.status}  {record.description}")
+        label, state = data.get("description") or data.get("name"), data.get("status") or data["phase"]
+        print(f"{data['commit']}  val_bpb={data['val_bpb']:.6f}  {state}  {label}")
     return 0
 
 
 @app.command()
-def plot(out: Annotated[Path | None, typer.Option(help="PNG to write.")] = None) -> None:
+def plot(
+    out: Annotated[Path | None, typer.Option(help="PNG to write.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study name.")] = None,
+) -> None:
     """Draw the running-best val_bpb over experiments as a PNG."""
     from fanout_research.research.plot import plot_progress
 
-    study = _study()
-    records = study.log.state().records  # type: ignore[attr-defined]
-    target = out or study.study.root / "progress.png"  # type: ignore[attr-defined]
+    ctx, records = _records(study)
+    target = out or ctx.study.root / "progress.png"  # type: ignore[attr-defined]
     try:
-        print(plot_progress(records, target, title=study.study.name))  # type: ignore[attr-defined]
+        print(plot_progress(records, target, title=ctx.study.name))  # type: ignore[attr-defined]
     except ValueError as exc:
         fail(str(exc))
 
@@ -243,11 +300,14 @@ def plot(out: Annotated[Path | None, typer.Option(help="PNG to write.")] = None)
 @app.command()
 def prune(
     all_: Annotated[bool, typer.Option("--all", help="Also delete the kept candidates' branches.")] = False,
+    study: Annotated[str | None, typer.Option("--study", help="Study name.")] = None,
 ) -> None:
     """Delete the study's candidate branches (kept ones stay unless --all; the research branch
     holds their commits either way)."""
-    study = _study()
-    keep = set() if all_ else {r.branch for r in study.log.state().records  # type: ignore[attr-defined]
-                               if r.status == "keep" and r.branch}
-    for branch in study.workspace.prune(keep):  # type: ignore[attr-defined]
+    from fanout_research.research.workspace import Workspace
+
+    ctx, records = _records(study)
+    keep = set() if all_ else {r.branch for r in records if r.status == "keep" and r.branch}
+    workspace = Workspace(ctx.study.repo, ctx.study, ctx.config.study.tag)  # type: ignore[attr-defined]
+    for branch in workspace.prune(keep):
         print(f"deleted {branch}")

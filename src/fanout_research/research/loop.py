@@ -11,6 +11,7 @@ deterministic and submission is idempotent) and loses no result.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from fanout_research.errors import ConfigError, FanoutError
 from fanout_research.jobs import JobClient
 from fanout_research.models import CodeSource, DataMount, JobResult, JobSpec, JobState, Resources
 from fanout_research.research.knobs import KnobProposer, read_knobs
-from fanout_research.research.proposals import Attempt, Proposal, Proposer, ResearchContext
+from fanout_research.research.proposals import Attempt, Proposal, Proposer, ProposerError, ResearchContext
 from fanout_research.research.records import CandidateRecord
 from fanout_research.research.studylog import RoundState, StudyLog, StudyState
 from fanout_research.research.validate import BaseTree, Rejected, Validator
@@ -68,12 +69,19 @@ class StudyOutcome:
     stopped: str = ""  # why the study stopped early, if it did
 
 
-def make_proposer(config: FanoutConfig) -> Proposer:
+def make_proposer(config: FanoutConfig, *, repo: Path | None = None,
+                  state_dir: Path | None = None) -> Proposer:
+    """``[proposer] name``: ``knobs`` (offline default), or an agent: ``openai``, ``anthropic``
+    (LLM APIs over HTTP) or ``command`` (an external coding agent's CLI); see docs/agents.md."""
     name = config.proposer.name
     options = config.proposer.options_for(name)
     if name == "knobs":
         return KnobProposer(seed=config.study.seed, **options)
-    raise ConfigError(f"unknown proposer {name!r} (available: knobs)")
+    from fanout_research.research.llm import AGENT_PROPOSERS, agent_proposer  # httpx only if used
+
+    if name in AGENT_PROPOSERS:
+        return agent_proposer(name, options, repo=repo, state_dir=state_dir)
+    raise ConfigError(f"unknown proposer {name!r} (available: knobs, {', '.join(AGENT_PROPOSERS)})")
 
 
 class Study:
@@ -97,7 +105,7 @@ class Study:
         name = self.config.backend.name
         self.backend = self.client.adopt(backend) if backend else self.client.backend(
             name, self.config.backend.options_for(name))
-        self.proposer = proposer or make_proposer(self.config)
+        self.proposer = proposer or make_proposer(self.config, repo=self.repo, state_dir=self.study.root)
         self.data_dir = self._data_dir()
         checks = self.config.validate_
         self.validator = validator or Validator(
@@ -156,10 +164,19 @@ class Study:
             self.log.round_started(number, base, best)
             current = self.log.state().rounds[number]
         if current.proposals is None:
-            proposals = self.proposer.propose(self._context(state, current), k)[:k]
+            calls_before = len(getattr(self.proposer, "usage_log", ()))
+            try:
+                proposals = self.proposer.propose(self._context(state, current), k)[:k]
+            except ProposerError as exc:
+                raise StudyError(f"round {number}: {exc}") from None
+            # What an agent proposer dropped (unparseable or inapplicable ideas) and what its calls
+            # cost go into the proposals event: they belong to the call, not to one candidate.
+            dropped = [str(r) for r in getattr(self.proposer, "last_rejections", ())]
+            usage = [dataclasses.asdict(u) for u in getattr(self.proposer, "usage_log", ())[calls_before:]]
             if not proposals:
-                raise StudyError(f"round {number}: the proposer had no new idea")
-            self.log.proposals(number, proposals)
+                why = f": {'; '.join(dropped[:3])}" if dropped else ""
+                raise StudyError(f"round {number}: the proposer had no new idea{why}")
+            self.log.proposals(number, proposals, dropped=dropped, usage=usage)
             current = self.log.state().rounds[number]
         return self._finish_round(current)
 

@@ -12,6 +12,14 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fanout_research.errors import FanoutError
+
+
+class ProposerError(FanoutError):
+    """The proposer cannot produce proposals: the model's API kept failing, the key is missing,
+    the agent command does not exist, or the study's ``max_calls`` is spent. The message says
+    which, and never contains a key."""
+
 
 class SearchReplace(BaseModel):
     """Replace the one occurrence of ``search`` in ``path`` by ``replace``."""

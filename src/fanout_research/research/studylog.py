@@ -64,9 +64,13 @@ class StudyLog:
     def round_started(self, number: int, base: str, best: float | None) -> None:
         self.log.append({"event": "round_started", "round": number, "base": base, "best": best})
 
-    def proposals(self, number: int, proposals: list[Proposal]) -> None:
+    def proposals(self, number: int, proposals: list[Proposal], *, dropped: list[str] | None = None,
+                  usage: list[dict[str, Any]] | None = None) -> None:
+        """``dropped``: ideas the proposer could not turn into proposals, with reasons; ``usage``:
+        the proposer's API calls for this round (tokens, cost). Both are for people and agents."""
         self.log.append({"event": "proposals", "round": number,
-                         "proposals": [p.model_dump(mode="json") for p in proposals]})
+                         "proposals": [p.model_dump(mode="json") for p in proposals],
+                         "dropped": dropped or [], "usage": usage or []})
 
     def candidates(self, records: list[CandidateRecord]) -> None:
         self.log.append(*({"event": "candidate", "record": r.model_dump(mode="json")} for r in records))

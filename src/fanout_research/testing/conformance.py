@@ -176,6 +176,12 @@ class BackendConformance:
         assert again == first
         harness.wait([first])
         assert harness.backend.submit(spec) == first  # also once it has finished
+        # Labels and the branch name describe a job; they don't make it another one.
+        relabelled = spec.model_copy(update={
+            "labels": {"note": "resubmitted"},
+            "code": spec.code.model_copy(update={"branch": "some-other-checkout"}),
+        })
+        assert harness.backend.submit(relabelled) == first
         assert harness.backend.logs(first).count("job-start") == 1, "the job ran more than once"
         clash = spec.model_copy(update={"env": {**spec.env, "FANOUT_TEST_SLEEP": "9"}})
         with pytest.raises(JobSpecError):
