@@ -359,7 +359,8 @@ def test_program_md_drives_a_round_through_the_real_cli(tmp_path: Path) -> None:
     tail = shell(repo, "fanout logs t-agent-r01-c2 --tail 5")
     assert "crashing on purpose" in tail.stdout
     assert (repo / "results.tsv").read_text().startswith("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
-    # As the section says: results/best describe `fanout run` studies, and are empty here.
-    assert shell(repo, "fanout results --json").stdout.strip() == "[]"
-    best = shell(repo, "fanout best")
-    assert best.returncode == 1 and "no result yet" in best.stderr
+    # As the section says: results/best read the job ledger when no `fanout run` log exists.
+    rows = {r["name"]: r for r in json.loads(shell(repo, "fanout results --json").stdout)}
+    assert (rows["t-agent-r01-c1"]["val_bpb"], rows["t-agent-r01-c2"]["phase"]) == (val_bpb(lr=0.3), "failed")
+    best = json.loads(shell(repo, "fanout best --json").stdout)
+    assert best["name"] == "t-agent-r01-c1" and best["val_bpb"] == val_bpb(lr=0.3)
