@@ -413,7 +413,8 @@ def test_results_and_best_read_the_job_ledger_when_an_agent_drives_the_study(rep
             break
         time.sleep(0.2)
     assert rows[good]["phase"] == "succeeded" and rows[good]["val_bpb"] == pytest.approx(1.234567)
-    assert rows[bad]["phase"] == "failed" and rows[bad]["val_bpb"] is None and "exit code 3" in rows[bad]["reason"]
+    assert rows[bad]["phase"] == "failed" and rows[bad]["val_bpb"] is None
+    assert "exit code 3" in rows[bad]["reason"]
     best = json.loads(ok(fanout(repo, "best", "--json")).stdout)
     assert best["name"] == good and best["commit"] == rows[good]["commit"]
     table = ok(fanout(repo, "results")).stdout

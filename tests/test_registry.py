@@ -96,7 +96,7 @@ def test_third_party_backend_from_an_entry_point(install_plugin, study: StudyDir
 
 def test_error_for_unknown_name_lists_plugins_too(install_plugin, study: StudyDir):
     install_plugin("mine = mybackend_pkg:MineBackend")
-    with pytest.raises(UnknownBackendError, match=r"available: local, mine\)"):
+    with pytest.raises(UnknownBackendError, match=r"available: local, mine, slurm, vessl\)"):
         backend_class("yours")
 
 
@@ -146,7 +146,7 @@ def test_cli_lists_builtin_and_plugin_backends(install_plugin, tmp_path: Path):
     done = subprocess.run([str(fanout), "backends"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
-        f"local\t{BUILTIN_BACKENDS['local']}",
-        "mine\tmybackend_pkg:MineBackend",
-    ]
+    assert done.stdout.splitlines() == sorted(
+        [f"{name}\t{target}" for name, target in BUILTIN_BACKENDS.items()]
+        + ["mine\tmybackend_pkg:MineBackend"]
+    )

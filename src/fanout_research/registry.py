@@ -22,6 +22,7 @@ from fanout_research.study import StudyDir
 ENTRY_POINT_GROUP = "fanout_research.backends"
 BUILTIN_BACKENDS: dict[str, str] = {
     "local": "fanout_research.backends.local:LocalBackend",
+    "slurm": "fanout_research.backends.slurm:SlurmBackend",
     "vessl": "fanout_research.backends.vessl:VesslBackend",
 }
 
