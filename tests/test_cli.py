@@ -419,3 +419,17 @@ def test_results_and_best_read_the_job_ledger_when_an_agent_drives_the_study(rep
     assert best["name"] == good and best["commit"] == rows[good]["commit"]
     table = ok(fanout(repo, "results")).stdout
     assert "agent-r01-c1" in table and "1.234567" in table and "failed" in table
+
+
+def test_reap_stops_every_unfinished_job_of_the_study(repo: Path, hanging) -> None:
+    first, second = hanging(), hanging()
+    done_slug = submit(repo)
+    ok(fanout(repo, "wait", done_slug))
+    for slug in (first, second):
+        job_pid(repo, slug)  # both running
+    reaped = ok(fanout(repo, "reap"))
+    assert sorted(reaped.stdout.split()) == sorted([first, second])
+    states = status_json(repo)
+    assert (states[first]["phase"], states[second]["phase"], states[done_slug]["phase"]) == (
+        "cancelled", "cancelled", "succeeded")
+    assert ok(fanout(repo, "reap")).stdout == ""  # nothing left to stop

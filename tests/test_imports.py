@@ -21,7 +21,7 @@ def test_core_imports_and_runs_without_torch_numpy_or_matplotlib() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("local\t")
+    assert "local\tfanout_research.backends.local:LocalBackend" in done.stdout.splitlines()
 
 
 def test_the_blocker_really_blocks() -> None:

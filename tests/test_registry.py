@@ -96,7 +96,7 @@ def test_third_party_backend_from_an_entry_point(install_plugin, study: StudyDir
 
 def test_error_for_unknown_name_lists_plugins_too(install_plugin, study: StudyDir):
     install_plugin("mine = mybackend_pkg:MineBackend")
-    with pytest.raises(UnknownBackendError, match=r"available: local, mine, slurm, vessl\)"):
+    with pytest.raises(UnknownBackendError, match=r"available: kubernetes, local, mine, slurm, vessl\)"):
         backend_class("yours")
 
 

@@ -98,11 +98,11 @@ class JobClient:
     def status(self, entries: list[LedgerEntry]) -> dict[str, JobState]:
         """One batched status call per backend, whatever the number of jobs."""
         states: dict[str, JobState] = {}
-        for backend, group in self._by_backend(entries):
+        for backend, group in self.by_backend(entries):
             states.update(backend.status([e.slug for e in group]))
         return states
 
-    def _by_backend(self, entries: Iterable[LedgerEntry]) -> list[tuple[Backend, list[LedgerEntry]]]:
+    def by_backend(self, entries: Iterable[LedgerEntry]) -> list[tuple[Backend, list[LedgerEntry]]]:
         groups: dict[int, tuple[Backend, list[LedgerEntry]]] = {}
         for entry in entries:
             backend = self.backend_for(entry)
@@ -152,6 +152,30 @@ class JobClient:
             pause = interval if deadline is None else min(interval, deadline - time.monotonic())
             time.sleep(max(0.0, pause))
         return outcome
+
+    def reap(self) -> list[str]:
+        """End every job of the study on every backend it used: a backend's own ``reap()`` where
+        it has one (it finds the study's jobs by label, even ones the ledger never heard of),
+        else a cancel of each unfinished job. Returns the names of the jobs it stopped."""
+        stopped: list[str] = []
+        entries = list(self.ledger.entries().values())
+        for backend, group in self.by_backend(entries):
+            reap = getattr(backend, "reap", None)
+            if reap is not None:
+                stopped += reap()
+                continue
+            live = [e for e in group if e.result is None]
+            states = backend.status([e.slug for e in live]) if live else {}
+            for entry in live:
+                if not states[entry.slug].phase.final:
+                    self.ledger.record_event(entry.name, "cancel_requested", by="reap")
+                    backend.cancel(entry.slug)
+                    stopped.append(entry.name)
+        pending = [e for e in entries if e.result is None]
+        if pending:  # record how they ended, now that they have
+            final = self.status(pending)
+            self.collect([e for e in pending if final[e.slug].phase.final])
+        return sorted(set(stopped))
 
     def cancel(self, refs: Iterable[str]) -> dict[str, JobState]:
         entries = self.entries(refs)

@@ -21,6 +21,7 @@ from fanout_research.study import StudyDir
 
 ENTRY_POINT_GROUP = "fanout_research.backends"
 BUILTIN_BACKENDS: dict[str, str] = {
+    "kubernetes": "fanout_research.backends.kubernetes:KubernetesBackend",
     "local": "fanout_research.backends.local:LocalBackend",
     "slurm": "fanout_research.backends.slurm:SlurmBackend",
     "vessl": "fanout_research.backends.vessl:VesslBackend",

@@ -26,6 +26,9 @@ def copy_template(dest: Path) -> Path:
 def job_env(data_dir: Path | None, budget: float = 2.0, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FANOUT_")}
     env.update(OMP_NUM_THREADS="1", FANOUT_TIME_BUDGET_S=str(budget), FANOUT_JOB_NAME="test")
+    # Scripts that run plain `python` (the job entrypoint) must find this interpreter, whose
+    # environment has torch, whether or not the virtualenv was activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     if data_dir is not None:
         env["FANOUT_DATA_DIR"] = str(data_dir)
     env.update(extra)

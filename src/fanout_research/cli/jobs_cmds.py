@@ -243,6 +243,19 @@ def cancel(
         print(f"{slug}  {state.phase}")
 
 
+@app.command()
+def reap(
+    study: Annotated[str | None, typer.Argument(help="Study (default: this repo's).")] = None,
+) -> None:
+    """Stop every job a study started, on every backend it used, and remove what the engine
+    keeps of them (Kubernetes Jobs, Slurm jobs); prints the jobs it stopped."""
+    ctx = open_context(study)
+    stopped = ctx.client.reap()
+    for name in stopped:
+        print(name)
+    say(f"reaped {len(stopped)} job(s) of study {ctx.study.name!r}")
+
+
 @app.command("backends")
 def list_backends() -> None:
     """List the backends this installation can use."""
