@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from fanout_research.phases import Failure, Phase
@@ -108,3 +110,14 @@ def classify_exit(
 def last_lines(text: str, count: int) -> str:
     lines = text.splitlines()
     return "\n".join(lines[-count:]) if count > 0 else ""
+
+
+def read_tail(path: str | Path) -> str:
+    """The end of a job's output file (where the summary block is), or "" if it is unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - TAIL_BYTES))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""

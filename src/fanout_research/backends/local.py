@@ -67,6 +67,32 @@ def visible_gpus() -> tuple[str, ...]:
     return tuple(line.strip() for line in out.splitlines() if line.strip())
 
 
+def job_env(
+    spec: JobSpec, passthrough: Sequence[str] = (), skip: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """The environment of a job that runs on a filesystem we share (this machine, a Slurm node):
+    the allow-listed part of ours, the job protocol, the spec's own variables."""
+    env = {
+        key: value for key, value in os.environ.items()
+        if (key in ENV_PASSTHROUGH or key in passthrough or key.startswith(ENV_PASSTHROUGH_PREFIXES))
+        and key not in skip
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    # `python` in such a job means the interpreter running fanout (its venv has the trainer's
+    # packages), even when that venv is not activated in the submitting shell.
+    here = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != here:
+        env["PATH"] = os.pathsep.join(filter(None, [here, env.get("PATH")]))
+    env.update(spec.protocol_env())
+    if spec.data is not None:  # no mounts: the job reads the prepared directory in place
+        data = Path(spec.data.source).expanduser()
+        if not data.is_dir():
+            raise JobSpecError(f"data directory {data} does not exist (prepare it first)")
+        env["FANOUT_DATA_DIR"] = str(data.resolve())
+    env.update(spec.env)
+    return env
+
+
 def default_slots_dir() -> Path:
     override = os.environ.get("FANOUT_SLOTS_DIR")
     if override:
@@ -209,25 +235,7 @@ class LocalBackend:
         }
 
     def _job_env(self, spec: JobSpec) -> dict[str, str]:
-        env = {
-            key: value for key, value in os.environ.items()
-            if key in ENV_PASSTHROUGH or key in self.env_passthrough
-            or key.startswith(ENV_PASSTHROUGH_PREFIXES)
-        }
-        env["PYTHONUNBUFFERED"] = "1"
-        # `python` in a local job means the interpreter running fanout (its venv has the trainer's
-        # packages), even when that venv is not activated in the submitting shell.
-        here = str(Path(sys.executable).parent)
-        if env.get("PATH", "").split(os.pathsep)[0] != here:
-            env["PATH"] = os.pathsep.join(filter(None, [here, env.get("PATH")]))
-        env.update(spec.protocol_env())
-        if spec.data is not None:  # no mounts here: the job reads the source directory in place
-            data = Path(spec.data.source).expanduser()
-            if not data.is_dir():
-                raise JobSpecError(f"data directory {data} does not exist (prepare it first)")
-            env["FANOUT_DATA_DIR"] = str(data.resolve())
-        env.update(spec.env)
-        return env
+        return job_env(spec, self.env_passthrough)
 
     @staticmethod
     def _check_command(repo: Any, spec: JobSpec, path: str) -> None:

@@ -42,7 +42,7 @@ from fanout_research.backends.local_files import (
     read_json,
     write_json_atomic,
 )
-from fanout_research.metrics import TAIL_BYTES, classify_exit, parse_metrics
+from fanout_research.metrics import classify_exit, parse_metrics, read_tail
 from fanout_research.phases import Failure, Phase
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ class Supervisor:
                     pass
 
     def record(self, outcome: str | None, exit_code: int | None, started: float, ended: float) -> None:
-        tail = _read_tail(Path(self.launch["log"]))
+        tail = read_tail(Path(self.launch["log"]))
         metrics = parse_metrics(tail)
         timing = {"started_at": started, "ended_at": ended, "exit_code": exit_code, "metrics": metrics}
         if outcome == "timed_out":
@@ -433,16 +433,6 @@ def _children_of(pid: int) -> list[int]:
                     if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
                         found.append(int(entry))
     return found
-
-
-def _read_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - TAIL_BYTES))
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 def supervise(job_dir: Path) -> int:

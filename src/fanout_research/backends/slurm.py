@@ -31,7 +31,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -44,10 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fanout_research import gitrepo
 from fanout_research.backends import local_files as files
-from fanout_research.backends.local import ENV_PASSTHROUGH, ENV_PASSTHROUGH_PREFIXES, LocalBackend
+from fanout_research.backends.local import LocalBackend, job_env
 from fanout_research.backends.local_supervisor import register_worktree, unregister_worktree
 from fanout_research.errors import BackendError, FanoutError, JobSpecError, UnknownJobError
-from fanout_research.metrics import TAIL_BYTES, classify_exit, last_lines, parse_metrics
+from fanout_research.metrics import classify_exit, last_lines, parse_metrics, read_tail
 from fanout_research.models import JobResult, JobSpec, JobState, Metrics, Phase
 from fanout_research.phases import Failure
 from fanout_research.study import StudyDir
@@ -182,16 +181,6 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _read_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - TAIL_BYTES))
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
 def _one_line(text: str, default: str) -> str:
     """The most telling line of a Slurm command's complaint."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -320,24 +309,7 @@ class SlurmBackend:
         }
 
     def _job_env(self, spec: JobSpec) -> dict[str, str]:
-        env = {
-            key: value for key, value in os.environ.items()
-            if (key in ENV_PASSTHROUGH or key in self.opts.env_passthrough
-                or key.startswith(ENV_PASSTHROUGH_PREFIXES)) and key not in SUBMITTER_ENV_SKIP
-        }
-        env["PYTHONUNBUFFERED"] = "1"
-        # As locally: `python` means the interpreter running fanout (on the shared filesystem).
-        here = str(Path(sys.executable).parent)
-        if env.get("PATH", "").split(os.pathsep)[0] != here:
-            env["PATH"] = os.pathsep.join(filter(None, [here, env.get("PATH")]))
-        env.update(spec.protocol_env())
-        if spec.data is not None:  # a shared filesystem: the job reads the source in place
-            data = Path(spec.data.source).expanduser()
-            if not data.is_dir():
-                raise JobSpecError(f"data directory {data} does not exist (prepare it first)")
-            env["FANOUT_DATA_DIR"] = str(data.resolve())
-        env.update(spec.env)
-        return env
+        return job_env(spec, self.opts.env_passthrough, SUBMITTER_ENV_SKIP)
 
     def _sbatch_args(self, spec: JobSpec, job_dir: Path) -> list[str]:
         # Slurm counts whole minutes and checks limits every ~30 s; the script enforces the exact
@@ -605,7 +577,7 @@ class SlurmBackend:
         ran = (base.get("ended_at") or 0) - (base.get("started_at") or 0)
         if code in TIMEOUT_EXITS and (code == 124 or ran >= spec.time_limit_s):
             return self._timed_out(slug, base, raw)
-        tail = _read_tail(self.jobs_dir / slug / LOG)
+        tail = read_tail(self.jobs_dir / slug / LOG)
         phase, failure, reason = classify_exit(code, parse_metrics(tail), tail, spec.requires_metric)
         return {**base, "phase": str(phase), "failure": str(failure) if failure else None,
                 "reason": reason, "raw": raw}
@@ -620,7 +592,7 @@ class SlurmBackend:
 
     def _finalize(self, slug: str, record: dict[str, Any], outcome: dict[str, Any]) -> None:
         """Record the outcome once, with its metrics, and remove the job's checkout."""
-        outcome["metrics"] = parse_metrics(_read_tail(self.jobs_dir / slug / LOG))
+        outcome["metrics"] = parse_metrics(read_tail(self.jobs_dir / slug / LOG))
         files.write_json_atomic(self.jobs_dir / slug / FINAL, outcome)
         if not self.opts.keep_worktrees:
             unregister_worktree(record)
@@ -631,7 +603,7 @@ class SlurmBackend:
         record = self._records([slug])[slug]
         metrics = outcome.get("metrics")
         if metrics is None:
-            metrics = parse_metrics(_read_tail(self.jobs_dir / slug / LOG))
+            metrics = parse_metrics(read_tail(self.jobs_dir / slug / LOG))
         return JobResult(
             slug=slug, name=slug, phase=Phase(outcome["phase"]), metrics=Metrics.lenient(metrics),
             exit_code=outcome.get("exit_code"), failure=outcome.get("failure"),
