@@ -525,3 +525,43 @@ def test_jobs_wait_for_free_gpus(
     states = backend.status(slugs)
     assert sorted(s.phase for s in states.values()) == [Phase.PENDING, Phase.RUNNING]
     assert all(r.succeeded for r in harness.wait(slugs).values())
+
+
+def test_the_prep_job_fills_the_data_volume_and_only_it_mounts_it_writable(
+    tmp_path: Path, remote: str
+) -> None:
+    """`fanout prepare` on a cluster: the real prepare.py runs as a Job that mounts the data PVC
+    writable; candidates mount the same PVC read-only."""
+    from fanout_research.cli.research_cmds import prepare_spec, scaffold
+    from fanout_research.config import load_config
+
+    repo = tmp_path / "lab"
+    scaffold(repo, tag="lab")
+    config_file = repo / "fanout.toml"
+    config_file.write_text(config_file.read_text()
+                           .replace('data_dir = "~/.cache/fanout/data/synthetic"', 'data_dir = "fanout-data"')
+                           .replace("vocab_size = 4096", 'vocab_size = 512\nargs = ["--docs", "300"]'))
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam",
+                    "data on the cluster"], check=True)
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    volume = tmp_path / "empty-pvc"
+    volume.mkdir()
+    with K8sApiDouble(namespaces=(NAMESPACE,), images={IMAGE: trainer_image(tmp_path)},
+                      pvcs={"fanout-data": volume}, workdir=tmp_path) as api:
+        study = StudyDir.for_repo(repo, "lab")
+        backend = make_backend(study, api.write_kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE),
+                               git_url=remote)
+        assert getattr(backend, "shared_filesystem", False) is False
+        spec = prepare_spec(load_config(repo), "lab", str(repo), commit, Path("unused"), shared=False)
+        assert spec.command[spec.command.index("--out") + 1] == "/data"
+        pod = backend.manifest(spec, bundled=False)["spec"]["template"]["spec"]
+        assert pod["volumes"][-1]["persistentVolumeClaim"] == {"claimName": "fanout-data", "readOnly": False}
+        slug = backend.submit(spec)
+        result = Harness(backend=backend, repo=repo, commit=commit).wait([slug], timeout=120)[slug]
+        assert result.phase is Phase.SUCCEEDED, backend.logs(slug)
+        assert json.loads((volume / "manifest.json").read_text())["settings"]["vocab_size"] == 512
+
+        candidate = spec.model_copy(update={"name": "lab-r01-c1", "data": DataMount(source="fanout-data")})
+        pod = backend.manifest(candidate, bundled=False)["spec"]["template"]["spec"]
+        assert pod["volumes"][-1]["persistentVolumeClaim"] == {"claimName": "fanout-data", "readOnly": True}

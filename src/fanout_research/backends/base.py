@@ -22,6 +22,8 @@ class Backend(Protocol):
     name: ClassVar[str]
     #: How often a waiter should poll ``status``; a hint, tuned to the engine's API costs.
     poll_interval_s: ClassVar[float]
+    # Optional: ``shared_filesystem: ClassVar[bool]``, True where jobs see this machine's paths
+    # (local, Slurm); data is then read (and prepared) in place instead of through a mount.
 
     def submit(self, spec: JobSpec) -> str:
         """Start the job and return its slug at once. The same spec twice returns the same slug

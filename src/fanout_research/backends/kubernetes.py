@@ -9,7 +9,8 @@ The shape of a job (see ``docs/backends/kubernetes.md``):
 - the ``trainer`` container runs the trainer image's entrypoint (``jobimage/entrypoint.sh``) with the
   job protocol's environment and nothing of the submitter's; it copies the ``fanout-result`` line
   to the termination message, so a result survives lost logs;
-- the data PVC is mounted ``readOnly`` at ``spec.data.path``; GPUs are ``nvidia.com/gpu`` limits;
+- the data PVC is mounted ``readOnly`` at ``spec.data.path`` (writable only for a spec that asks,
+  the data's prep job); GPUs are ``nvidia.com/gpu`` limits;
 - ``podFailurePolicy``: disruptions (``DisruptionTarget``) are retried without counting, a crash of
   the trainer fails the Job at once, a commit that is not in the remote fails it at once;
   ``activeDeadlineSeconds`` is the time limit; ``ttlSecondsAfterFinished`` cleans up.
@@ -433,8 +434,11 @@ class KubernetesBackend:
         mounts = [{"name": "code", "mountPath": CODE_MOUNT}]
         claim = self._data_claim(spec)
         if claim is not None and spec.data is not None:
-            volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-            mount = {"name": "data", "mountPath": spec.data.path, "readOnly": True}
+            # Read-only for every candidate; writable only for a job that asks (the data's prep job).
+            read_only = spec.data.read_only
+            claim_ref = {"claimName": claim, "readOnly": read_only}
+            volumes.append({"name": "data", "persistentVolumeClaim": claim_ref})
+            mount = {"name": "data", "mountPath": spec.data.path, "readOnly": read_only}
             if self.opts.data_sub_path:
                 mount["subPath"] = self.opts.data_sub_path
             mounts.append(mount)

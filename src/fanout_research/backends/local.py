@@ -121,6 +121,7 @@ def _when(epoch: float | None) -> datetime | None:
 class LocalBackend:
     name: ClassVar[str] = "local"
     poll_interval_s: ClassVar[float] = 0.02  # a poll reads one small file per job
+    shared_filesystem: ClassVar[bool] = True  # jobs see our paths: data is used in place
 
     def __init__(self, study: StudyDir, **options: Any) -> None:
         opts = LocalOptions.model_validate(options)

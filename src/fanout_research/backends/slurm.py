@@ -194,6 +194,7 @@ def _one_line(text: str, default: str) -> str:
 class SlurmBackend:
     name: ClassVar[str] = "slurm"
     poll_interval_s: ClassVar[float] = 1.0  # one squeue/sacct RPC per poll; be kind to slurmctld
+    shared_filesystem: ClassVar[bool] = True  # jobs see our paths: data is used in place
 
     def __init__(self, study: StudyDir, **options: Any) -> None:
         self.opts = SlurmOptions.model_validate(options)

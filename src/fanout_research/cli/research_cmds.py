@@ -17,7 +17,7 @@ from fanout_research import gitrepo
 from fanout_research.cli import EXIT_JOB_FAILED, app, fail
 from fanout_research.cli.jobs_cmds import open_context, say
 from fanout_research.cli.render import ProgressView, RoundView, print_summaries
-from fanout_research.models import CodeSource, JobSpec
+from fanout_research.models import CodeSource, DataMount, JobSpec
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "template"
 
@@ -50,6 +50,25 @@ def init(
     print(directory.expanduser().resolve())
 
 
+def prepare_spec(config: object, study: str, repo: str, commit: str, out: Path, *, shared: bool,
+                 force: bool = False) -> JobSpec:
+    """The one-time data job. Where jobs share our filesystem (local, Slurm) it writes ``out``
+    in place; elsewhere it writes the data volume, mounted writable for this job only (every
+    candidate mounts it read-only), and skips the entrypoint's check of data that is not there yet.
+    """
+    data = config.data  # type: ignore[attr-defined]
+    mount = None if shared else DataMount(source=str(config.job.data_dir), read_only=False)  # type: ignore[attr-defined]
+    target = str(out) if mount is None else mount.path
+    argv = [*shlex.split(data.command), "--out", target, "--source", data.source,
+            "--vocab-size", str(data.vocab_size), *data.args, *(["--force"] if force else [])]
+    return JobSpec(
+        name=f"{study}-prepare-{secrets.token_hex(2)}", code=CodeSource(repo=repo, commit=commit),
+        command=tuple(argv), time_limit_s=data.time_limit_s, requires_metric=False, data=mount,
+        env={} if mount is None else {"FANOUT_VERIFY_DATA": "0"},
+        labels={"study": study, "role": "prepare"},
+    )
+
+
 def data_dir_of(config_data_dir: str | None) -> Path:
     if not config_data_dir:
         fail("no data directory: set [job] data_dir in fanout.toml")
@@ -68,27 +87,22 @@ def prepare(
     gitrepo.ensure_clean(repo)
     commit = gitrepo.resolve_commit(repo, "HEAD")
     out = data_dir_of(ctx.config.job.data_dir)
-    data = ctx.config.data
-    argv = [*shlex.split(data.command), "--out", str(out), "--source", data.source,
-            "--vocab-size", str(data.vocab_size), *data.args, *(["--force"] if force else [])]
     backend_name = backend or ctx.config.backend.name
     runner = ctx.client.backend(backend_name, ctx.config.backend.options_for(backend_name))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    spec = JobSpec(
-        name=f"{ctx.study.name}-prepare-{secrets.token_hex(2)}",
-        code=CodeSource(repo=repo.working_tree_dir, commit=commit), command=tuple(argv),
-        time_limit_s=data.time_limit_s, requires_metric=False,
-        labels={"study": ctx.study.name, "role": "prepare"},
-    )
+    spec = prepare_spec(ctx.config, ctx.study.name, repo.working_tree_dir, commit, out,
+                        shared=getattr(runner, "shared_filesystem", False), force=force)
+    if spec.data is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    where = str(out) if spec.data is None else f"the data volume {spec.data.source}"
     slug = ctx.client.submit(runner, spec)
-    say(f"preparing {out} as job {slug} on backend {backend_name}")
+    say(f"preparing {where} as job {slug} on backend {backend_name}")
     with ProgressView({slug: spec.name}) as view:
         outcome = ctx.client.wait([slug], observer=view.update)
     result = outcome.results[slug]
     if not result.succeeded:
         print_summaries([result], {})
         return EXIT_JOB_FAILED
-    print(out)
+    print(where)
     return 0
 
 

@@ -1021,11 +1021,19 @@ class K8sApiDouble:
         term_file.write_bytes(b"")
         mounts[term_path] = term_file
 
-        def local(value: str) -> str:
+        def local_path(value: str) -> str | None:
             for mount in sorted(mounts, key=len, reverse=True):
                 if value == mount or value.startswith(mount.rstrip("/") + "/"):
                     return str(mounts[mount]) + value[len(mount) :]
-            return value
+            return None
+
+        def local(value: str) -> str:
+            """Where a mount path appears, the directory standing in for that volume: a whole value,
+            or a word of a command line (FANOUT_COMMAND reaches the container as one string)."""
+            whole = local_path(value)
+            if whole is not None:
+                return whole
+            return " ".join(local_path(word) or word for word in value.split(" ")) if " " in value else value
 
         env = dict(image.env)
         for item in container.get("env", []):
