@@ -193,10 +193,17 @@ def test_a_failing_baseline_stops_the_study(tmp_path: Path) -> None:
     (repo / "train.py").write_text((repo / "train.py").read_text().replace("CRASH = 0\n", "CRASH = 1\n"))
     git(repo, "commit", "-q", "-am", "crash the baseline")
     study = Study(repo, proposer=ScriptedProposer({1: [set_lr(0.1, 0.3)]}))
-    with pytest.raises(StudyError, match="baseline run failed"):
+    with pytest.raises(StudyError, match="baseline run t-r00-c0 failed"):
         study.run(rounds=1)
-    assert [r["status"] for r in candidate_records(repo)] == ["baseline"]
+    assert [(r["round"], r["candidate"], r["status"]) for r in candidate_records(repo)] == [(0, 0, "crash")]
     assert not by_event(repo, "round_finished")
+    # A rerun measures the baseline again, under the next attempt's name, and keeps nothing
+    # (the research branch never moves without a baseline to beat).
+    with pytest.raises(StudyError, match="baseline run t-r00-c1 failed"):
+        Study(repo, proposer=ScriptedProposer({1: [set_lr(0.1, 0.3)]})).run(rounds=1)
+    assert [(r["round"], r["candidate"], r["status"]) for r in candidate_records(repo)] == [
+        (0, 0, "crash"), (0, 1, "crash")]
+    assert git(repo, "rev-parse", "research") == git(repo, "rev-parse", "main")
 
 
 # ----------------------------------------------------------------------------- 4. validation

@@ -203,15 +203,19 @@ class Study:
                  for i, p in enumerate(current.proposals, start=1)}
         state = self.log.state()
         need_baseline = state.baseline is None
+        # Round 0 holds the baseline's attempts: a failed one is a crash, and a rerun measures
+        # it again under the next name (a transient failure must not end the study for good).
+        attempt = sum(1 for r in state.records if r.round == 0)
+        baseline_name = self._name(0, attempt)
         if need_baseline:
-            views = {self._name(0, 0): CandidateView(self._name(0, 0), "baseline (unmodified)"), **views}
+            views = {baseline_name: CandidateView(baseline_name, "baseline (unmodified)"), **views}
         self._show(number, views)
 
         undecided = [(i, p) for i, p in enumerate(current.proposals, start=1) if i not in current.records]
         commits = self._materialize(number, base, undecided, views)
         specs = [self._spec(self._name(number, i), commit, number, i) for i, commit in commits.items()]
         if need_baseline:
-            specs.insert(0, self._spec(self._name(0, 0), base, 0, 0))
+            specs.insert(0, self._spec(baseline_name, base, 0, attempt))
         if specs:
             self.client.submit_many(self.backend, specs)
 
@@ -228,13 +232,16 @@ class Study:
             results = {}
 
         if need_baseline:
-            baseline = self._record_job(number=0, index=0, base=base, commit=base,
-                                        description="baseline (unmodified)",
-                                        result=results[self._name(0, 0)], status="baseline")
-            if baseline.val_bpb is None:
-                self.log.candidates([baseline])
-                raise StudyError(f"the baseline run failed ({baseline.reason}); fix train.py first")
+            result = results[baseline_name]
+            baseline = self._record_job(number=0, index=attempt, base=base, commit=base,
+                                        description="baseline (unmodified)", result=result,
+                                        status="baseline" if result.succeeded else "crash")
             self.log.candidates([baseline])
+            if baseline.status == "crash":  # nothing may be kept without a baseline to beat
+                raise StudyError(
+                    f"the baseline run {baseline_name} failed ({baseline.reason}); a rerun measures "
+                    "it again, but if train.py itself is broken, fix it and start a new study "
+                    "([study] tag)")
         best = self.log.state().best
         best_val = best.val_bpb if best else None
 
