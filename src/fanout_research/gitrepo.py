@@ -12,7 +12,7 @@ from pathlib import Path
 
 import git
 
-from fanout_research.errors import DirtyTreeError, NotAGitRepoError, UnknownRevisionError
+from fanout_research.errors import DirtyTreeError, JobSpecError, NotAGitRepoError, UnknownRevisionError
 
 # A cached Repo shares one persistent `git cat-file` pipe; two threads talking over it at once
 # read each other's answers or deadlock, so every object-database look-up takes this lock.
@@ -117,3 +117,15 @@ def identity_args(repo: git.Repo) -> tuple[str, ...]:
     except git.GitCommandError:
         return FALLBACK_IDENTITY
     return ()
+
+
+def repo_holding(path: str, commit: str, where: str) -> git.Repo:
+    """The local repository a job's code comes from, which must hold its commit; ``where`` says
+    what the backend needs instead (a local path, a shared path, a git_url)."""
+    repo_path = Path(path).expanduser()
+    if not repo_path.is_dir():
+        raise JobSpecError(f"repository {path!r} is not a local directory; {where}")
+    repo = open_repo(repo_path)
+    if not has_commit(repo, commit):
+        raise JobSpecError(f"commit {commit[:12]} is not in {repo_path}")
+    return repo

@@ -583,15 +583,7 @@ class KubernetesBackend:
         return data
 
     def _repo(self, spec: JobSpec) -> Any:
-        path = Path(spec.code.repo).expanduser()
-        if not path.is_dir():
-            raise JobSpecError(
-                f"repository {spec.code.repo!r} is not a local directory; set [backend.kubernetes] git_url"
-            )
-        repo = gitrepo.open_repo(path)
-        if not gitrepo.has_commit(repo, spec.code.commit):
-            raise JobSpecError(f"commit {spec.code.commit[:12]} is not in {path}")
-        return repo
+        return gitrepo.repo_holding(spec.code.repo, spec.code.commit, "set [backend.kubernetes] git_url")
 
     def _push(self, specs: Sequence[JobSpec]) -> None:
         """One ``git push`` for a round: each commit as ``refs/fanout/<study>/<job>`` on the remote."""

@@ -203,12 +203,7 @@ class LocalBackend:
         return spec.name
 
     def _launch_plan(self, spec: JobSpec) -> dict[str, Any]:
-        repo_path = Path(spec.code.repo).expanduser()
-        if not repo_path.is_dir():
-            raise JobSpecError(f"the local backend needs a local repository, not {spec.code.repo!r}")
-        repo = gitrepo.open_repo(repo_path)
-        if not gitrepo.has_commit(repo, spec.code.commit):
-            raise JobSpecError(f"commit {spec.code.commit[:12]} is not in {repo_path}")
+        repo = gitrepo.repo_holding(spec.code.repo, spec.code.commit, "the local backend runs local code")
         env = self._job_env(spec)
         self._check_command(repo, spec, env.get("PATH", os.defpath))
         submitted = files.now()

@@ -286,14 +286,8 @@ class SlurmBackend:
 
     def _plan(self, spec: JobSpec) -> dict[str, Any]:
         """Check the spec and work out everything the job needs; writes nothing."""
-        repo_path = Path(spec.code.repo).expanduser()
-        if not repo_path.is_dir():
-            raise JobSpecError(
-                f"the slurm backend needs a repository on a shared path, not {spec.code.repo!r}"
-            )
-        repo = gitrepo.open_repo(repo_path)
-        if not gitrepo.has_commit(repo, spec.code.commit):
-            raise JobSpecError(f"commit {spec.code.commit[:12]} is not in {repo_path}")
+        repo = gitrepo.repo_holding(spec.code.repo, spec.code.commit,
+                                    "the slurm backend needs it on a path the nodes share")
         env = self._job_env(spec)
         LocalBackend._check_command(repo, spec, env.get("PATH", os.defpath))
         job_dir = self.jobs_dir / spec.name
