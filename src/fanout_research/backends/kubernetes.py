@@ -150,11 +150,6 @@ def label_value(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", cleaned)
 
 
-def spec_digest(spec: JobSpec) -> str:
-    """What makes two specs the same job (``JobSpec.identity``: labels and branch left out)."""
-    return spec.digest()
-
-
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status in TRANSIENT_STATUS
@@ -504,7 +499,7 @@ class KubernetesBackend:
                 "labels": dict(labels),
                 "annotations": {
                     SPEC_ANNOTATION: spec.model_dump_json(),
-                    DIGEST_ANNOTATION: spec_digest(spec),
+                    DIGEST_ANNOTATION: spec.digest(),
                 },
             },
             "spec": {
@@ -612,7 +607,7 @@ class KubernetesBackend:
         for spec in specs:
             record = self._record(spec.name)
             if record is not None:
-                if record["digest"] != spec_digest(spec):
+                if record["digest"] != spec.digest():
                     raise JobSpecError(
                         f"a different job named {spec.name!r} already exists in study {self.study.name!r}"
                     )
@@ -628,16 +623,7 @@ class KubernetesBackend:
             job = self._create_or_adopt(spec, manifest)
             if bundle is not None:
                 self._create_bundle(spec, bundle, job)
-            self._write_record(
-                spec.name,
-                {
-                    "spec": json.loads(spec.model_dump_json()),
-                    "digest": spec_digest(spec),
-                    "uid": job["metadata"]["uid"],
-                    "submitted_at": _now(),
-                    "final": None,
-                },
-            )
+            self._write_record(spec.name, {**_new_record(spec, job), "submitted_at": _now(), "final": None})
         return [spec.name for spec in specs]
 
     def _create_or_adopt(self, spec: JobSpec, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -664,7 +650,7 @@ class KubernetesBackend:
             raise BackendError(f"kubernetes: job {spec.name!r} exists and vanished; submit it again")
         meta = existing["metadata"]
         ours = (meta.get("labels") or {}).get(STUDY_LABEL) == label_value(self.study.name)
-        if not ours or (meta.get("annotations") or {}).get(DIGEST_ANNOTATION) != spec_digest(spec):
+        if not ours or (meta.get("annotations") or {}).get(DIGEST_ANNOTATION) != spec.digest():
             raise JobSpecError(
                 f"a different job named {spec.name!r} already exists in namespace "
                 f"{self.namespace!r}" + ("" if ours else " (not one of this study's)")
@@ -765,14 +751,7 @@ class KubernetesBackend:
             spec = self._spec_of(job, records.get(slug))
             pod = _latest_pod(by_job.get(slug, []))
             result, log = self._result_from(slug, job, pod, spec)
-            record = dict(
-                records.get(slug)
-                or {
-                    "spec": json.loads(spec.model_dump_json()),
-                    "digest": spec_digest(spec),
-                    "uid": job["metadata"]["uid"],
-                }
-            )
+            record = dict(records.get(slug) or _new_record(spec, job))
             record["final"] = {**json.loads(result.model_dump_json()), "raw": final_condition(job)["type"]}
             self._write_record(slug, record, log)
 
@@ -897,7 +876,6 @@ class KubernetesBackend:
         if final_condition(job) is not None:
             self._finalize({slug: job}, {slug: record})
             return
-        spec = self._spec_of(job, record)
         pods = self._list_pods(f"{JOB_UID_LABEL}={job['metadata']['uid']}")
         pod = _latest_pod(pods)
         log = (
@@ -906,26 +884,22 @@ class KubernetesBackend:
             else ""
         )
         self._delete_job(slug)
-        state = self._live_state(job)
+        self._record_cancelled(slug, job, record, reason="cancelled", raw="deleted", log=log,
+                               started_at=self._live_state(job).started_at)
+
+    def _record_cancelled(self, slug: str, job: dict[str, Any], record: dict[str, Any] | None, *,
+                          reason: str, raw: str, log: str | None = None,
+                          started_at: datetime | None = None) -> None:
+        """Keep the final word on a Job we deleted before it finished: once deleted it cannot be
+        listed, so this record is what status and result read from then on."""
         result = JobResult(
-            slug=slug,
-            name=slug,
-            phase=Phase.CANCELLED,
-            failure=Failure.CANCELLED,
-            reason="cancelled",
-            log_tail=last_lines(log, LOG_TAIL_LINES),
-            submitted_at=_when(job["metadata"].get("creationTimestamp")),
-            started_at=state.started_at,
+            slug=slug, name=slug, phase=Phase.CANCELLED, failure=Failure.CANCELLED, reason=reason,
+            log_tail=last_lines(log or "", LOG_TAIL_LINES),
+            submitted_at=_when(job["metadata"].get("creationTimestamp")), started_at=started_at,
             ended_at=datetime.now(UTC),
         )
-        base = record or {
-            "spec": json.loads(spec.model_dump_json()),
-            "digest": spec_digest(spec),
-            "uid": job["metadata"]["uid"],
-        }
-        self._write_record(
-            slug, {**base, "final": {**json.loads(result.model_dump_json()), "raw": "deleted"}}, log
-        )
+        base = record or _new_record(self._spec_of(job, record), job)
+        self._write_record(slug, {**base, "final": {**json.loads(result.model_dump_json()), "raw": raw}}, log)
 
     def reap(self) -> list[str]:
         """Delete every Job of this study (label ``fanout.io/study``), background propagation. The
@@ -943,25 +917,14 @@ class KubernetesBackend:
             self._delete_job(slug)
             record = self._record(slug)
             if record is None or not record.get("final"):
-                spec = self._spec_of(job, record)
-                result = JobResult(
-                    slug=slug,
-                    name=slug,
-                    phase=Phase.CANCELLED,
-                    failure=Failure.CANCELLED,
-                    reason="cancelled: reaped",
-                    ended_at=datetime.now(UTC),
-                    submitted_at=_when(job["metadata"].get("creationTimestamp")),
-                )
-                base = record or {
-                    "spec": json.loads(spec.model_dump_json()),
-                    "digest": spec_digest(spec),
-                    "uid": job["metadata"]["uid"],
-                }
-                self._write_record(
-                    slug, {**base, "final": {**json.loads(result.model_dump_json()), "raw": "reaped"}}
-                )
+                self._record_cancelled(slug, job, record, reason="cancelled: reaped", raw="reaped")
         return sorted(jobs)
+
+
+def _new_record(spec: JobSpec, job: dict[str, Any]) -> dict[str, Any]:
+    """What the backend keeps of a Job: the spec it ran, its digest, and the Job's uid."""
+    return {"spec": json.loads(spec.model_dump_json()), "digest": spec.digest(),
+            "uid": job["metadata"]["uid"]}
 
 
 def _from_epoch(epoch: float | None) -> datetime | None:
