@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fanout_research.errors import ConfigError
+from fanout_research.errors import ConfigError, first_problem
 
 CONFIG_FILE = "fanout.toml"
 DEFAULT_COMMAND = "python train.py"
@@ -115,6 +115,4 @@ def load_config(repo_root: str | Path | None, path: str | Path | None = None) ->
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: invalid TOML: {exc}") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{file}: {where}: {first['msg']}") from None
+        raise ConfigError(f"{file}: {first_problem(exc)}") from None

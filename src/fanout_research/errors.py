@@ -4,6 +4,14 @@ Anything raised as a :class:`FanoutError` is the user's to fix: the CLI prints i
 line and exits with status 2. Everything else is a bug and keeps its traceback.
 """
 
+from pydantic import ValidationError
+
+
+def first_problem(exc: ValidationError) -> str:
+    """A pydantic error as one line a user can act on: where, then what (the first problem only)."""
+    first = exc.errors()[0]
+    return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+
 
 class FanoutError(Exception):
     """Bad input or an impossible request; the message says what to do about it."""

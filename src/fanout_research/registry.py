@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fanout_research.backends.base import Backend
-from fanout_research.errors import ConfigError, UnknownBackendError
+from fanout_research.errors import ConfigError, UnknownBackendError, first_problem
 from fanout_research.study import StudyDir
 
 ENTRY_POINT_GROUP = "fanout_research.backends"
@@ -59,8 +59,6 @@ def create_backend(
     try:
         return cls(study, **dict(options or {}))  # type: ignore[call-arg]
     except ValidationError as exc:  # a backend that models its options: name the first problem
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"bad options for backend {name!r}: {where}: {first['msg']}") from None
+        raise ConfigError(f"bad options for backend {name!r}: {first_problem(exc)}") from None
     except (TypeError, ValueError) as exc:  # unknown or badly typed options from fanout.toml
         raise ConfigError(f"bad options for backend {name!r}: {exc}") from None

@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fanout_research.errors import ConfigError
+from fanout_research.errors import ConfigError, first_problem
 from fanout_research.research.knobs import read_knobs
 from fanout_research.research.llm import (
     DEFAULT_FOCUS,
@@ -131,9 +131,7 @@ class CommandProposer:
         try:
             self.settings = CommandSettings.model_validate(options)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"[proposer.command] {where}: {first['msg']}") from None
+            raise ConfigError(f"[proposer.command] {first_problem(exc)}") from None
         self.repo = Path(repo).resolve() if repo else None
         self.calls = CallLog(state_dir)
         self.usage_log: list[CallUsage] = []

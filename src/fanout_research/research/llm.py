@@ -43,7 +43,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
-from fanout_research.errors import ConfigError
+from fanout_research.errors import ConfigError, first_problem
 from fanout_research.jsonl import AppendLog
 from fanout_research.models import utcnow
 from fanout_research.research.knobs import read_knobs
@@ -574,9 +574,7 @@ class LLMProposer:
         try:
             self.settings = LLMSettings.model_validate(options)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"[proposer.{self.name}] {where}: {first['msg']}") from None
+            raise ConfigError(f"[proposer.{self.name}] {first_problem(exc)}") from None
         self.calls = CallLog(state_dir)
         self.usage_log: list[CallUsage] = []
         self.last_rejections: list[IdeaRejection] = []
