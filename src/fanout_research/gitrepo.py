@@ -89,13 +89,6 @@ def branch_of(repo: git.Repo, sha: str) -> str | None:
     return None
 
 
-def read_file_at(repo: git.Repo, sha: str, path: str) -> str | None:
-    try:
-        return repo.git.show(f"{sha}:{path}")
-    except git.GitCommandError:
-        return None
-
-
 def path_exists_at(repo: git.Repo, sha: str, path: str) -> bool:
     try:
         with _ODB_LOCK:

@@ -349,9 +349,6 @@ class LocalBackend:
             text = handle.read().decode("utf-8", errors="replace")
         return last_lines(text, tail) if tail is not None else text
 
-    def log_path(self, slug: str) -> Path:
-        return self._job_dir(slug) / files.LOG
-
     # -- cancel --------------------------------------------------------------------------------
     def cancel(self, slug: str) -> None:
         job_dir = self._job_dir(slug)

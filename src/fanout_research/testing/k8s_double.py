@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1349,12 +1349,3 @@ def _handler_for(double: K8sApiDouble) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
-
-
-@contextlib.contextmanager
-def running_double(**kwargs: Any) -> Iterator[K8sApiDouble]:
-    double = K8sApiDouble(**kwargs).start()
-    try:
-        yield double
-    finally:
-        double.stop()
