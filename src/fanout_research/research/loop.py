@@ -212,7 +212,9 @@ class Study:
         self._show(number, views)
 
         undecided = [(i, p) for i, p in enumerate(current.proposals, start=1) if i not in current.records]
-        commits = self._materialize(number, base, undecided, views)
+        tree = BaseTree.at(self.repo, base)
+        base_knobs = read_knobs(tree.read("train.py") or "")  # the parent's, once per round
+        commits = self._materialize(number, tree, base_knobs, undecided, views)
         specs = [self._spec(self._name(number, i), commit, number, i) for i, commit in commits.items()]
         if need_baseline:
             specs.insert(0, self._spec(baseline_name, base, 0, attempt))
@@ -234,8 +236,8 @@ class Study:
         if need_baseline:
             result = results[baseline_name]
             baseline = self._record_job(number=0, index=attempt, base=base, commit=base,
-                                        description="baseline (unmodified)", result=result,
-                                        status="baseline" if result.succeeded else "crash")
+                                        base_knobs=base_knobs, description="baseline (unmodified)",
+                                        result=result, status="baseline" if result.succeeded else "crash")
             self.log.candidates([baseline])
             if baseline.status == "crash":  # nothing may be kept without a baseline to beat
                 raise StudyError(
@@ -254,8 +256,8 @@ class Study:
         proposals = dict(enumerate(current.proposals, start=1))
         for i, commit, result in finished:
             status = "keep" if i == win else ("discard" if result.succeeded else "crash")
-            record = self._record_job(number, i, base, commit, proposals[i].description, result, status,
-                                      proposals[i])
+            record = self._record_job(number, i, base, commit, base_knobs, proposals[i].description,
+                                      result, status, proposals[i])
             decided.append(record)
             views[record.name].state, views[record.name].val_bpb = status, record.val_bpb
         self.log.candidates(decided)
@@ -273,11 +275,11 @@ class Study:
                                 (state.best.val_bpb if state.best else None))
         return self._outcome(self.log.state().rounds[number])
 
-    def _materialize(self, number: int, base: str, undecided: list[tuple[int, Proposal]],
+    def _materialize(self, number: int, tree: BaseTree, base_knobs: dict[str, Any],
+                     undecided: list[tuple[int, Proposal]],
                      views: dict[str, CandidateView]) -> dict[int, str]:
         """Validate and commit each candidate; rejected ones are logged and never submitted."""
-        tree = BaseTree.at(self.repo, base)
-        base_knobs = read_knobs(tree.read("train.py") or "")
+        base = tree.commit
 
         def one(index: int, proposal: Proposal) -> tuple[int, str | None, CandidateRecord | None]:
             name, branch = self._name(number, index), self.workspace.branch_for(number, index)
@@ -315,9 +317,11 @@ class Study:
         self._show(number, views)
         return {index: commit for index, commit, _ in done if commit}
 
-    def _record_job(self, number: int, index: int, base: str, commit: str, description: str,
-                    result: JobResult, status: str, proposal: Proposal | None = None) -> CandidateRecord:
-        tree = BaseTree.at(self.repo, commit)
+    def _record_job(self, number: int, index: int, base: str, commit: str, base_knobs: dict[str, Any],
+                    description: str, result: JobResult, status: str,
+                    proposal: Proposal | None = None) -> CandidateRecord:
+        knobs = base_knobs if commit == base else read_knobs(
+            BaseTree.at(self.repo, commit).read("train.py") or "")
         metrics = result.metrics.reported()
         memory = result.metrics.peak_vram_mb
         run_s = result.run_seconds
@@ -327,8 +331,7 @@ class Study:
             branch=None if index == 0 else self.workspace.branch_for(number, index),
             val_bpb=result.metrics.val_bpb if result.succeeded else None,
             memory_gb=memory / 1024 if memory is not None else None,
-            reason=result.reason, knobs=read_knobs(tree.read("train.py") or ""),
-            base_knobs=read_knobs(BaseTree.at(self.repo, base).read("train.py") or ""),
+            reason=result.reason, knobs=knobs, base_knobs=base_knobs,
             proposer=proposal.proposer if proposal else "", job_slug=result.slug, run_seconds=run_s,
             gpu_hours=(run_s or 0.0) * max(1, self.config.job.gpus) / 3600, metrics=metrics,
         )
